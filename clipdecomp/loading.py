@@ -26,6 +26,7 @@ Accepted sources (``load_model(name, pretrained)``):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -35,7 +36,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import open_clip
 import torch
@@ -338,7 +339,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
                 ) from e
             raise CheckpointError(
                 f"cannot read {path} as a torch checkpoint: the file is corrupt or not a torch.save "
-                f"file ({str(e).strip().splitlines()[-1][:200]}). Accepted: {_ACCEPTED_FILES}."
+                f"file. Accepted: {_ACCEPTED_FILES}."
             ) from e
         except Exception as e:  # RuntimeError from a broken zip, EOFError, ...
             raise CheckpointError(
@@ -368,9 +369,27 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Strictly load the weights file ``path`` into ``model`` (CheckpointError on mismatch)."""
-    state_dict = read_state_dict(path)
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs 'initialized randomly' when we build first and load weights after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Model initialized randomly" not in msg and "no CLIP weights found" not in msg
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    f = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Strictly load ``state_dict`` (read from ``path``) into ``model`` (CheckpointError on mismatch)."""
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
         # Old-format CLIP checkpoint for a CustomTextCLIP architecture (as open_clip does).
         from open_clip.model import convert_to_custom_text_state_dict
@@ -461,10 +480,7 @@ def _finish(model: nn.Module, device: Union[str, torch.device], dtype: torch.dty
         model = model.to(dtype=torch.float64)
     model = model.to(device)
     model.eval()
-    try:
-        check_vision_tower(model.visual)
-    except UnsupportedModelError:
-        raise
+    vision_tower(model)  # the structural check, after instantiation
     return model
 
 
@@ -546,14 +562,17 @@ def load_model(
                 f"{name}: no weights file in {folder}. Expected e.g. open_clip_model.safetensors "
                 f"(accepted: {_ACCEPTED_FILES})."
             )
+        state_dict = read_state_dict(weights)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                f"local-dir:{folder}", load_weights=False, precision=precision, pretrained_text=False
-            )
+            with _quiet_random_init():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    f"local-dir:{folder}", load_weights=False, precision=precision, pretrained_text=False
+                )
             tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
         except Exception as e:
             raise CheckpointError(f"{name}: open_clip could not build the model from {folder / _CONFIG_FILE}: {e}") from e
-        _load_weights(model, weights)
+        _load_weights(model, state_dict, weights)
+        del state_dict
         model = _finish(model, device, dtype)
         return LoadedModel(model, preprocess, tokenizer, name, str(weights))
 
@@ -612,10 +631,12 @@ def load_model(
             stacklevel=2,
         )
 
+    state_dict = read_state_dict(weights_path) if weights_path is not None else None  # fail fast
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=tag, precision=precision, pretrained_text=False
-        )
+        with _quiet_random_init() if state_dict is not None else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=tag, precision=precision, pretrained_text=False
+            )
     except Exception as e:
         if tag is not None:
             raise CheckpointError(
@@ -623,8 +644,9 @@ def load_model(
                 "They are downloaded by open_clip: check network access and the cache."
             ) from e
         raise
-    if weights_path is not None:
-        _load_weights(model, weights_path)
+    if state_dict is not None:
+        _load_weights(model, state_dict, weights_path)
+        del state_dict
     tokenizer = open_clip.get_tokenizer(arch)
     model = _finish(model, device, dtype)
     return LoadedModel(model, preprocess, tokenizer, arch, tag if tag is not None else (str(weights_path) if weights_path else None))

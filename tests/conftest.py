@@ -1,11 +1,16 @@
 """Shared fixtures: tiny registered open_clip configs, randomly initialised real
 architectures with perturbed norms / biases (so the decomposition identity is not
-trivially satisfied), and image batches. Everything is random-init: no downloads."""
+trivially satisfied), and image batches. Everything is random-init: no downloads.
+
+Tests run torch on one intra-op thread (override with ``CLIPDECOMP_TEST_THREADS``): on a
+2-core machine shared with a training job, OpenMP threads spinning against the other
+process made the suite 10-20x slower than single-threaded."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -14,6 +19,8 @@ import open_clip
 import pytest
 import torch
 from torch import nn
+
+torch.set_num_threads(int(os.environ.get("CLIPDECOMP_TEST_THREADS", "1")))
 
 TINY = "cdtest-tiny-vit"
 TINY_CUSTOM = "cdtest-tiny-custom"
