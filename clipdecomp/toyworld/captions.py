@@ -78,22 +78,28 @@ def caption(scene: Scene, rng: np.random.Generator, force: tuple[str, ...] = ())
 
 
 def zero_shot_prompts(factor: str) -> dict[object, list[str]]:
-    """Prompt ensembles per value of one factor: the value named with every value of a partner factor.
+    """Prompt ensembles per value of one factor.
 
-    For colour the ensemble runs over shapes ("a red circle", "a red square", ...),
-    for shape over colours, and so on; averaging the normalised text embeddings
-    of an ensemble gives the class embedding.
+    Each value is named inside noun phrases that run over every shape and every
+    count ("a red circle", "two red circles", ... "four red hearts"): captions
+    name single objects in the singular and groups in the plural, so a prompt
+    set in the singular alone would only describe a quarter of the scenes.
+    Averaging the normalised text embeddings of an ensemble gives the class embedding.
     """
+    def phrases(colour: str | None = None, texture: str | None = None, shape: str | None = None) -> list[str]:
+        shapes = [shape] if shape else list(SHAPES)
+        return [noun_phrase(s, colour, texture, n) for s in shapes for n in COUNTS]
+
     if factor == "colour":
-        return {c: [noun_phrase(s, c, None, None) for s in SHAPES] for c in COLOURS}
+        return {c: phrases(colour=c) for c in COLOURS}
     if factor == "shape":
-        return {s: [noun_phrase(s, c, None, None) for c in COLOURS] + [f"a photo of {noun_phrase(s, None, None, None)}"] for s in SHAPES}
+        return {s: phrases(shape=s) for s in SHAPES}
     if factor == "texture":
-        return {t: [noun_phrase(s, None, t, None) for s in SHAPES] for t in TEXTURES}
+        return {t: phrases(texture=t) for t in TEXTURES}
     if factor == "count":
         return {n: [noun_phrase(s, None, None, n) for s in SHAPES] for n in COUNTS}
     if factor == "region":
-        return {r: [f"{noun_phrase(s, None, None, None)} {_REGION_PHRASES[r][0]}" for s in SHAPES] for r in REGIONS}
+        return {r: [f"{p} {_REGION_PHRASES[r][0]}" for p in phrases()] for r in REGIONS}
     if factor == "background":
-        return {b: [f"{noun_phrase(s, None, None, None)} {_BACKGROUND_PHRASES[b][0]}" for s in SHAPES] for b in BACKGROUNDS}
+        return {b: [f"{p} {_BACKGROUND_PHRASES[b][0]}" for p in phrases()] for b in BACKGROUNDS}
     raise ValueError(f"unknown factor {factor!r}; accepted: colour, shape, texture, count, region, background")
