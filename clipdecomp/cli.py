@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "heatmap": ("clipdecomp.commands.heatmap", "per-patch heatmaps of texts over an image (overlay PNG)"),
     "segment-eval": ("clipdecomp.commands.segment_eval", "zero-shot segmentation on gtsegs_ijcv.mat: ours vs attention / rollout / GradCAM"),
     "retrieve": ("clipdecomp.commands.retrieve", "nearest images by chosen heads vs the full embedding; toy factor precision@k"),
+    "repair": ("repair.cli", "mean-ablate heads chosen by TextSpan role, bake into a stock open_clip model, export (hub layout)"),
+    "waterbirds-eval": ("repair.waterbirds_eval", "zero-shot Waterbirds group accuracies: base, exact / baked repair, random heads"),
 }
 
 
