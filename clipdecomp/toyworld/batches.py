@@ -28,10 +28,13 @@ FOCUS_PROBS: dict[str | None, float] = {
 }
 
 
-def sample_group(rng: np.random.Generator, group_size: int, spurious: float | None) -> tuple[list[Scene], str | None]:
+def sample_group(
+    rng: np.random.Generator, group_size: int, spurious: float | None, focus_probs: dict[str | None, float] | None = None
+) -> tuple[list[Scene], str | None]:
     """Scenes of one group and its focus factor."""
-    focuses = list(FOCUS_PROBS)
-    focus = focuses[rng.choice(len(focuses), p=np.array(list(FOCUS_PROBS.values())))]
+    probs = focus_probs or FOCUS_PROBS
+    focuses = list(probs)
+    focus = focuses[rng.choice(len(focuses), p=np.array(list(probs.values())))]
     if focus is None:
         return [sample_scene(rng, spurious=spurious) for _ in range(group_size)], None
     base = sample_scene(rng, spurious=spurious)
@@ -62,13 +65,18 @@ def to_tensor(images: list, mean: tuple[float, ...], std: tuple[float, ...]) -> 
 
 
 def training_batch(
-    seed: int, step: int, batch_size: int, group_size: int, spurious: float | None
+    seed: int,
+    step: int,
+    batch_size: int,
+    group_size: int,
+    spurious: float | None,
+    focus_probs: dict[str | None, float] | None = None,
 ) -> tuple[list, list[str], list[Scene]]:
     """The images, captions and scenes of one training step; a pure function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
     images, captions, scenes = [], [], []
     while len(scenes) < batch_size:
-        group, focus = sample_group(rng, group_size, spurious)
+        group, focus = sample_group(rng, group_size, spurious, focus_probs)
         for scene in group[: batch_size - len(scenes)]:
             image, _ = render(scene, rng)
             images.append(image)

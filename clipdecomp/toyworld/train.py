@@ -28,16 +28,16 @@ from tqdm import tqdm
 
 from ..io import atomic_write_text, atomic_path
 from ..registry import TOY_MODEL_NAME, register_model_configs
-from .batches import to_tensor, training_batch
+from .batches import FOCUS_PROBS, to_tensor, training_batch
 from .evaluate import heldout_scenes, zero_shot_factor_accuracy
 
 STATE_FILE = "train_state.pt"
 
 
-def build_model(seed: int) -> torch.nn.Module:
+def build_model(seed: int, config: str = TOY_MODEL_NAME) -> torch.nn.Module:
     register_model_configs()
     torch.manual_seed(seed)
-    return open_clip.create_model(TOY_MODEL_NAME)
+    return open_clip.create_model(config)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -57,11 +57,13 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
-def export_hub_folder(model: torch.nn.Module, out: Path, half: bool = True, metadata: dict[str, str] | None = None) -> None:
+def export_hub_folder(
+    model: torch.nn.Module, out: Path, half: bool = True, metadata: dict[str, str] | None = None, config_name: str = TOY_MODEL_NAME
+) -> None:
     """Write `open_clip_config.json` + `open_clip_model.safetensors` (atomically, file by file)."""
     register_model_configs()
     config = {
-        "model_cfg": open_clip.get_model_config(TOY_MODEL_NAME),
+        "model_cfg": open_clip.get_model_config(config_name),
         "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in model.visual.preprocess_cfg.items()},
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +72,21 @@ def export_hub_folder(model: torch.nn.Module, out: Path, half: bool = True, meta
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(out / "open_clip_model.safetensors") as tmp:
         save_file(state, str(tmp), metadata=metadata or {})
+
+
+def parse_focus(spec: str, parser: argparse.ArgumentParser) -> dict[str | None, float]:
+    """`"shape=0.3,none=0.1"` -> {"shape": 0.3, None: 0.1}, normalised to sum to 1."""
+    probs: dict[str | None, float] = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        key = None if name.strip() == "none" else name.strip()
+        if key is not None and key not in FOCUS_PROBS or not value:
+            parser.error(f"--focus: bad item {item!r}; use FACTOR=P with FACTOR in {[k for k in FOCUS_PROBS if k]} or none")
+        probs[key] = float(value)
+    total = sum(probs.values())
+    if total <= 0:
+        parser.error("--focus: probabilities must sum to more than 0")
+    return {k: v / total for k, v in probs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--spurious", type=float, default=0.95, help="P(triangle on water) = P(square on land) in training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default=TOY_MODEL_NAME, help=f"registered open_clip model config (default {TOY_MODEL_NAME})")
+    parser.add_argument("--focus", default=None, help='focus probabilities of hard-negative groups, e.g. "shape=0.3,region=0.3,none=0.1"')
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
     parser.add_argument("--eval-every", type=int, default=250, help="steps between zero-shot evaluations (0: only at the end)")
@@ -92,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.batch_size < 2 or args.group_size < 1:
         parser.error("--steps must be >= 1, --batch-size >= 2, --group-size >= 1")
 
+    focus = parse_focus(args.focus, parser) if args.focus else None
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.seed)
+    model = build_model(args.seed, args.config)
     model.train()
-    tokenizer = open_clip.get_tokenizer(TOY_MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(args.config)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     cfg = model.visual.preprocess_cfg
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        images, captions, _ = training_batch(args.seed, step, args.batch_size, args.group_size, args.spurious)
+        images, captions, _ = training_batch(args.seed, step, args.batch_size, args.group_size, args.spurious, focus)
         x = to_tensor(images, cfg["mean"], cfg["std"])
         image_features, text_features, logit_scale = model(x, tokenizer(captions))[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     metadata = {"clipdecomp_command": " ".join(["python -m clipdecomp.toyworld.train", *(argv if argv is not None else sys.argv[1:])]),
                 "seed": str(args.seed), "steps": str(args.steps)}
-    export_hub_folder(model, args.out, half=not args.fp32, metadata=metadata)
+    export_hub_folder(model, args.out, half=not args.fp32, metadata=metadata, config_name=args.config)
     summary = {
         "command": metadata["clipdecomp_command"],
         "args": {k: str(v) for k, v in vars(args).items()},
