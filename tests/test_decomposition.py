@@ -117,6 +117,31 @@ def test_bfloat16_model_close(tiny_configs):
     assert rel_err(dec.embed + dec.mlps.sum(1) + dec.heads.sum((1, 2)), dec.total()) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"ls_init_value": 0.5},
+        {"no_ln_pre": True, "final_ln_after_pool": True},
+        {"pos_embed_type": "sin_cos_2d", "patch_dropout": 0.5},
+        {"output_tokens": True, "layers": 1},
+        {"qk_norm": True},
+    ],
+    ids=lambda f: ",".join(f),
+)
+def test_tower_options_float64(flags):
+    """Config options of open_clip's VisionTransformer that keep the decomposition exact."""
+    from open_clip.model import _build_vision_tower
+
+    vcfg = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8, **flags}
+    torch.manual_seed(0)
+    visual = perturb_(_build_vision_tower(16, vcfg, quick_gelu=True)).double().eval()
+    x = make_images(visual, 2)
+    with torch.no_grad():
+        ref = visual(x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    check_consistency(decompose(visual, x), ref, 1e-10)
+
+
 # ------------------------------------------------------------------------- shapes and metadata
 
 
