@@ -36,6 +36,7 @@ __all__ = [
     "format_heads",
     "select_explicit",
     "parse_roles",
+    "SCORES",
     "select_by_roles",
     "random_heads",
 ]
@@ -53,9 +54,8 @@ class HeadChoice:
         layer, head: 0-based indices.
         reason: ``"explicit"`` or ``"role"``.
         role: the role query that matched (role selection only).
-        score: the role score reported by :func:`clipdecomp.roles.heads_for_role`.
-        matched_role: the role label of the match, when it differs from the query
-            (e.g. the query was free text and the match is a canonical role name).
+        score: the head's score for the query (see :func:`select_by_roles`, ``score``).
+        head_role: the head's own role (its dominant TextSpan category), for context.
     """
 
     layer: int
@@ -63,7 +63,7 @@ class HeadChoice:
     reason: str
     role: Optional[str] = None
     score: Optional[float] = None
-    matched_role: Optional[str] = None
+    head_role: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -73,11 +73,11 @@ class HeadChoice:
     def why(self) -> str:
         """Human-readable reason, e.g. ``role 'background scene' (score 0.631)``."""
         if self.reason == "role":
-            s = f"role {self.role!r}"
-            if self.matched_role and self.matched_role != self.role:
-                s += f" (matched {self.matched_role!r})"
+            s = f"role query {self.role!r}"
             if self.score is not None:
-                s += f", score {self.score:.3f}"
+                s += f", score {self.score:.4g}"
+            if self.head_role:
+                s += f" (head's role: {self.head_role!r})"
             return s
         return "listed explicitly"
 
@@ -252,6 +252,24 @@ def parse_roles(spec: Union[str, Sequence[str]]) -> list[str]:
     return out
 
 
+SCORES: tuple[str, ...] = ("share", "variance")
+
+
+def _role_matches(results: Any, query: str, *, model: Any, score: str, top_n: Optional[int], threshold: Optional[float]) -> list[Any]:
+    """``heads_for_role`` matches of one query, re-scored by ``score``, filtered, best first."""
+    from clipdecomp.roles import DEFAULT_TOP_M, RoleMatch, heads_for_role
+
+    if score == "share":
+        return heads_for_role(results, query, model=model, top_n=top_n, threshold=threshold)
+    ev = {h.key: float(sum(max(0.0, float(v)) for v in h.explained_variance[:DEFAULT_TOP_M])) for h in results.heads}
+    out = [RoleMatch(m.layer, m.head, float(m.score) * ev[(m.layer, m.head)] if ev[(m.layer, m.head)] > 0 else 0.0, m.role)
+           for m in heads_for_role(results, query, model=model)]  # a head with no texts explains nothing
+    if threshold is not None:
+        out = [m for m in out if m.score >= threshold]
+    out.sort(key=lambda m: (-m.score, m.layer, m.head))
+    return out if top_n is None else out[:top_n]
+
+
 def select_by_roles(
     results: Any,
     roles: Union[str, Sequence[str]],
@@ -261,13 +279,26 @@ def select_by_roles(
     model: Any = None,
     top_n: Optional[int] = None,
     threshold: Optional[float] = None,
+    score: str = "share",
     source: Optional[Union[str, os.PathLike]] = None,
 ) -> HeadSelection:
     """Heads whose TextSpan role matches any of ``roles``.
 
-    Each query goes through :func:`clipdecomp.roles.heads_for_role` (with the same
-    ``model``, ``top_n``, ``threshold``); the union is taken, and a head matched by
-    several queries keeps its best-scoring one.
+    Each query is scored for every head by :func:`clipdecomp.roles.heads_for_role`;
+    heads are kept by ``threshold`` and/or ``top_n`` (per query); the union over queries
+    is taken, and a head matched by several queries keeps its best-scoring one.
+
+    Scores (``score``):
+
+    * ``"share"``: ``heads_for_role``'s score as is -- for a role category, the share of
+      the head's first ``m = roles.DEFAULT_TOP_M`` TextSpan texts' explained variance
+      that belongs to texts of that category (in [0, 1]); for free text, the
+      variance-weighted mean cosine similarity.
+    * ``"variance"``: that score times the summed explained variance of the same ``m``
+      texts, i.e. for a category the *amount* of the head's output variance that the
+      role's texts explain (joint-space units, so thresholds are model-specific: prefer
+      ``top_n``). It ranks a head that writes a lot of scene information above one
+      whose few, small outputs happen to be all scene.
 
     Args:
         results: a :class:`clipdecomp.textspan_results.TextSpanResults`, or a path to a
@@ -276,13 +307,13 @@ def select_by_roles(
         n_layers, n_heads: the model's shape; matches outside it are an error (results of
             another model).
         model: passed on to ``heads_for_role`` (it may embed free-text queries).
-        top_n, threshold: passed on to ``heads_for_role`` (at least one is required;
-            ``top_n`` applies per query).
+        top_n, threshold: at least one is required; ``top_n`` applies per query.
+        score: ``"share"`` (default) or ``"variance"``.
         source: the results file's path, recorded in the query.
 
     Raises:
-        InputError: no query, neither ``top_n`` nor ``threshold``, or results that do not
-            fit the model.
+        InputError: no query, neither ``top_n`` nor ``threshold``, an unknown ``score``,
+            or results that do not fit the model.
     """
     _check_shape(n_layers, n_heads)
     if top_n is None and threshold is None:
@@ -290,8 +321,8 @@ def select_by_roles(
             "a role query ranks every head; pass a score threshold (--threshold, e.g. 0.5) or a count "
             "(--top-n, per query) to choose among them."
         )
-    from clipdecomp.roles import heads_for_role  # another module's API, imported on use
-
+    if score not in SCORES:
+        raise InputError(f"score must be one of {list(SCORES)}, got {score!r}.")
     queries = parse_roles(roles)
     if isinstance(results, (str, os.PathLike)):
         from clipdecomp.textspan_results import TextSpanResults
@@ -300,18 +331,17 @@ def select_by_roles(
         results = TextSpanResults.load(results)
     best: dict[Head, HeadChoice] = {}
     for q in queries:
-        for m in heads_for_role(results, q, model=model, top_n=top_n, threshold=threshold):
+        for m in _role_matches(results, q, model=model, score=score, top_n=top_n, threshold=threshold):
             l, h = int(m.layer), int(m.head)
             if not (0 <= l < n_layers and 0 <= h < n_heads):
                 raise InputError(
                     f"the TextSpan results name head L{l}.H{h}, but {_range_text(n_layers, n_heads)}: "
                     "are they the results of another model?"
                 )
-            score = None if m.score is None else float(m.score)
-            matched = getattr(m, "role", None)
-            choice = HeadChoice(l, h, "role", role=q, score=score, matched_role=None if matched is None else str(matched))
+            value = float(m.score)
+            choice = HeadChoice(l, h, "role", role=q, score=value, head_role=str(m.role) if m.role else None)
             old = best.get((l, h))
-            if old is None or (score is not None and (old.score is None or score > old.score)):
+            if old is None or value > (old.score if old.score is not None else float("-inf")):
                 best[(l, h)] = choice
     return HeadSelection(
         heads=[best[k] for k in sorted(best)],
@@ -320,6 +350,7 @@ def select_by_roles(
         n_heads=n_heads,
         query={
             "roles": queries,
+            "score": score,
             "top_n": top_n,
             "threshold": threshold,
             "textspan": None if source is None else os.fspath(source),

@@ -19,6 +19,7 @@ import clipdecomp
 from clipdecomp.ablation import compute_means
 from clipdecomp.decomposition import decompose
 from clipdecomp.errors import InputError
+from clipdecomp.roles import assign_roles
 from clipdecomp.textspan_results import HeadSpan, TextSpanResults
 from repair import export as export_mod
 from repair.bake import (
@@ -150,25 +151,38 @@ def results_file(tmp_path) -> Path:
         _span(2, 3, ["on grass", "a star"], ["scenes and settings", "shapes"], [3.0, 3.0]),
         _span(1, 0, ["red", "blue"], ["colours", "colours"], [5.0, 1.0]),
         _span(1, 2, ["a beach", "in the north"], ["scenes and settings", "locations and geography"], [1.0, 4.0]),
+        _span(1, 1, ["a forest", "red"], ["scenes and settings", "colours"], [18.0, 12.0]),  # big, 60% scene
     ]
     res = TextSpanResults(model="toy", pretrained=None, pool="general", layers=[1, 2], k=3, rank=80,
                           n_images=10, seed=0, embed_dim=6, heads=heads)
     path = tmp_path / "textspan.json"
-    res.save(path)
+    assign_roles(res).save(path)
     return path
 
 
 def test_select_by_roles_threshold_top_n_and_union(results_file):
     sel = select_by_roles(results_file, "background scene", 3, 4, threshold=0.5)
-    assert sel.pairs() == [(2, 1), (2, 3)]
-    assert [round(c.score, 3) for c in sel.heads] == [0.8, 0.5]
+    assert sel.pairs() == [(1, 1), (2, 1), (2, 3)]
+    assert [round(c.score, 3) for c in sel.heads] == [0.6, 0.8, 0.5]
     assert all(c.reason == "role" and c.role == "background scene" for c in sel.heads)
-    assert sel.query["textspan"] == str(results_file)
+    assert sel.heads[1].head_role == "scenes and settings"
+    assert sel.query["textspan"] == str(results_file) and sel.query["score"] == "share"
     assert select_by_roles(results_file, ["background"], 3, 4, top_n=1).pairs() == [(2, 1)]
     both = select_by_roles(results_file, "geolocation, background scene", 3, 4, threshold=0.5)
-    assert both.pairs() == [(1, 2), (2, 1), (2, 3)]
-    assert both.heads[0].role == "geolocation" and both.heads[0].score == pytest.approx(0.8)
+    assert both.pairs() == [(1, 1), (1, 2), (2, 1), (2, 3)]
+    assert both.heads[1].role == "geolocation" and both.heads[1].score == pytest.approx(0.8)
     assert "L1.H2" in both.describe() and "geolocation" in both.describe()
+
+
+def test_select_by_roles_variance_score_weighs_by_explained_variance(results_file):
+    """score='variance': share times the top texts' explained variance, so the big
+    60%-scene head L1.H1 (18 units of scene variance) outranks the small 80%-scene L2.H1 (8)."""
+    sel = select_by_roles(results_file, "background", 3, 4, top_n=2, score="variance")
+    assert sel.pairs() == [(1, 1), (2, 1)]
+    assert {c.label: c.score for c in sel.heads} == {"L1.H1": pytest.approx(18.0), "L2.H1": pytest.approx(8.0)}
+    assert select_by_roles(results_file, "background", 3, 4, threshold=2.0, score="variance").pairs() == [(1, 1), (2, 1), (2, 3)]
+    with pytest.raises(InputError, match="score must be one of"):
+        select_by_roles(results_file, "background", 3, 4, top_n=1, score="bogus")
 
 
 def test_select_by_roles_refuses_unbounded_and_foreign_results(results_file):
