@@ -138,3 +138,10 @@ def test_run_completeness_bad_inputs(tiny64, folders):
         run_completeness(tiny64, folders / "eval", folders / "means", {"a": a, "b": b})
     with pytest.raises(InputError, match="ks is empty"):
         run_completeness(tiny64, folders / "eval", folders / "means", {"a": a}, ks=[])
+
+
+def test_command_line_checks_spans_before_loading(tmp_path, capsys):
+    from clipdecomp.experiments.completeness import main
+
+    assert main(["--eval", str(tmp_path), "--means", str(tmp_path), "--spans", "general"]) == 2
+    assert "--spans entries are POOL=FILE.json, got 'general'" in capsys.readouterr().err

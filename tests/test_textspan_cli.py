@@ -4,7 +4,6 @@ model in hub layout; the results file; the image-folder helper; bad inputs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

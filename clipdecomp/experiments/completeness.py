@@ -141,12 +141,6 @@ def _load_spans(spans: Mapping[str, Union[TextSpanResults, str, os.PathLike]]) -
     return out
 
 
-def _class_labels(loader_folder: Path) -> list[str]:
-    from ..data.imagefolder import classnames
-
-    return classnames(loader_folder)
-
-
 def run_completeness(
     model: Any,
     eval_folder: Union[str, os.PathLike],
@@ -182,6 +176,7 @@ def run_completeness(
     from tqdm.auto import tqdm
 
     from ..ablation import compute_means
+    from ..data.imagefolder import classnames as folder_classnames
     from ..data.imagefolder import image_folder
     from ..decomposition import decompose
     from ..images import image_loader
@@ -193,7 +188,7 @@ def run_completeness(
     results = _load_spans(spans)
     layers = next(iter(results.values())).layers
     dataset = image_folder(eval_folder, transform=model.preprocess)
-    names = list(classnames) if classnames is not None else _class_labels(Path(eval_folder))
+    names = list(classnames) if classnames is not None else folder_classnames(eval_folder)
     if len(names) != len(dataset.classes):
         raise InputError(f"{len(names)} class names for {len(dataset.classes)} class folders in {eval_folder}.")
     kwargs = {} if templates is None else {"templates": templates}
@@ -263,8 +258,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         from ..loading import load_model
 
+        spans = _parse_spans(args.spans)  # before loading a possibly large model
         lm = load_model(args.model, args.pretrained, device=args.device)
-        rows = run_completeness(lm, args.eval, args.means, _parse_spans(args.spans), ks=args.ks,
+        rows = run_completeness(lm, args.eval, args.means, spans, ks=args.ks,
                                 templates=args.template, batch_size=args.batch_size, csv_path=args.csv)
     except ClipDecompError as e:
         print(f"completeness: error: {e}", file=sys.stderr)
