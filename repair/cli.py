@@ -208,7 +208,6 @@ def _repair(argv: Optional[list[str]]) -> int:
         loader = waterbirds_loader(args.data, means.split, model.preprocess, batch_size=args.batch_size, num_workers=args.num_workers)
         agreement = measure_agreement(model, baked, means, heads, loader, progress=not args.no_progress)
         agreement["split"] = means.split
-    if agreement:
         _print_agreement(agreement)
     out = export_repaired(
         args.out, baked, base=model, selection=selection, means=means, evaluation=report, agreement=agreement,

@@ -176,7 +176,7 @@ def model_card(
         f"# {label} with {k} attention head{'s' if k != 1 else ''} mean-ablated",
         "",
         f"A stock open_clip model: the image tower of `{base.name}`"
-        + (f" (pretrained `{base.pretrained}`)" if base.pretrained else "")
+        + (f" (pretrained `{base.pretrained}`)" if base.pretrained and not base.name.startswith("local-dir:") else "")
         + f" with {k} attention head(s) of the image tower replaced by their mean output, following "
         "Gandelsman, Efros & Steinhardt, *Interpreting CLIP's Image Representation via Text-Based "
         "Decomposition* (ICLR 2024), Section 4.2. Made with clipdecomp "
@@ -188,7 +188,7 @@ def model_card(
         + (f" ({', '.join(f'{a}={b}' for a, b in selection.query.items() if b is not None)})" if selection.query else "")
         + ".",
         "",
-        "| head | reason | role | score |",
+        f"| head | reason | role query | score ({selection.query.get('score', 'share') if selection.method == 'roles' else '-'}) |",
         "|---|---|---|---:|",
     ]
     for c in selection.heads:
@@ -228,6 +228,17 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give the folder and its files the permissions a plain mkdir / open would
+    (temporary folders and files are created private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~mask)
 
 
 def _state_dict(clip: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -339,6 +350,7 @@ def export_repaired(
             (tmp / name).write_text(text, encoding="utf-8")
         if verify:
             verify_export(tmp, baked, atol=1e-5 if dtype == torch.float32 else 1e-2)
+        _default_permissions(tmp)
     return out
 
 

@@ -355,6 +355,12 @@ def test_export_records_provenance_config_and_card(exported, tiny):
     assert "library_name: open_clip" in front and "tags:" in front and '"mean-ablation"' in front
     assert "| L1.H3 | explicit |" in card and "`val` split" in card and "mean cosine similarity 0.9900" in card
     assert json.loads((out / "repair.json").read_text())["selection"]["heads"][0]["layer"] == 1
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # not the private mode of the temporary folder
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in out.iterdir())
 
 
 def test_interrupted_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):

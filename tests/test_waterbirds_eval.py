@@ -219,6 +219,18 @@ def test_repair_command_exports_with_evaluation(tiny, wb, tmp_path, capsys):
     assert record["agreement"]["n"] == 4 * PER_GROUP and record["evaluation"]["meta"]["split"] == "test"
 
 
+def test_repair_command_without_evaluation_measures_agreement_on_the_means_split(tiny_configs, wb, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    code, out, err = _cli(repair_main, ["--model", "cdtest-tiny-vit", "--heads", "1.2,2.0", "--data", wb, "--out", out_dir,
+                                        "--means-split", "train", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "baked vs exact embeddings (8 images)" in out
+    record = json.loads((out_dir / "repair.json").read_text())
+    assert record["agreement"]["split"] == "train" and record["evaluation"] is None
+    assert read_provenance(out_dir)["means_split"] == "train"
+    assert "## Evaluation" not in (out_dir / "README.md").read_text()
+
+
 def test_repair_command_requires_a_selection_and_refuses_eval_means(tiny_configs, wb, tmp_path, capsys):
     base = ["--model", "cdtest-tiny-vit", "--data", wb, "--out", tmp_path / "o", "--no-progress"]
     code, _, err = _cli(repair_main, base, capsys)
