@@ -562,6 +562,58 @@ def _split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t.view(B, N, n_heads, W // n_heads).transpose(1, 2)
 
 
+def _attention(
+    blk: nn.Module, x: torch.Tensor, cdt: torch.dtype, *, keep_values: bool, class_token_only: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One attention sub-block with the block's own modules and weights.
+
+    Args:
+        x: residual stream ``[B, N, W]``.
+        class_token_only: evaluate only the class-token query (for the last layer, whose
+            other outputs never reach the pooled embedding).
+
+    Returns:
+        ``(x + attention write)`` (``[B, N, W]``, or ``[B, W]`` at the class token when
+        ``class_token_only``), the per-head output at the class token before ``out_proj``
+        ``z [B, H, dh]``, the class-token attention probabilities ``[B, H, N]`` (in ``cdt``),
+        and the values ``[B, N, H, dh]`` (in ``cdt``) if ``keep_values``.
+    """
+    attn = blk.attn
+    B, N, W = x.shape
+    H = attn.num_heads
+    dh = W // H
+    custom = isinstance(blk, CustomResidualAttentionBlock)
+    head_scale = getattr(attn, "head_scale", None) if custom else None
+    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
+    h = blk.ln_1(x)
+    if not class_token_only:
+        q, k, v = (_split_heads(t, H) for t in F.linear(h, w_in, b_in).chunk(3, dim=-1))  # [B, H, N, dh]
+        if custom:
+            q, k = attn.ln_q(q), attn.ln_k(k)
+        o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, dh]
+        q0 = q[:, :, 0]
+    else:
+        kv = F.linear(h, w_in[W:], None if b_in is None else b_in[W:])
+        k, v = (_split_heads(t, H) for t in kv.chunk(2, dim=-1))
+        q0 = F.linear(h[:, 0], w_in[:W], None if b_in is None else b_in[:W]).view(B, H, dh)
+        if custom:
+            q0, k = attn.ln_q(q0), attn.ln_k(k)
+    # the class-token row of the attention probabilities, recomputed (O(N) per head)
+    a = torch.softmax(torch.einsum("bhd,bhnd->bhn", q0.to(cdt), k.to(cdt)) * dh**-0.5, dim=-1)
+    values = v.transpose(1, 2).to(dtype=cdt, copy=True) if keep_values else None  # [B, N, H, dh]
+    if class_token_only:
+        o = torch.einsum("bhn,bhnd->bhd", a.to(v.dtype), v)  # [B, H, dh]
+        z = o
+        x = x[:, 0]
+    else:
+        z = o[:, :, 0]
+        o = o.transpose(1, 2)  # [B, N, H, dh]
+    if head_scale is not None:
+        o = o * head_scale.view(H, 1)
+    x = x + blk.ls_1(attn.out_proj(o.reshape(*x.shape[:-1], W)))
+    return x, z.to(dtype=cdt, copy=True), a, values
+
+
 def decompose(model: Any, images: torch.Tensor, *, token_layers: TokenLayers = "all") -> Decomposition:
     """Run the image tower once and keep what is needed to decompose its output.
 
@@ -597,56 +649,21 @@ def decompose(model: Any, images: torch.Tensor, *, token_layers: TokenLayers = "
     zs, attns, mlps, values = [], [], [], {}
     with torch.no_grad():
         x = _embed_tokens(visual, images)  # [B, N, W]
-        B, N, W = x.shape
         embed_raw = keep(x[:, 0])
         for l, blk in enumerate(blocks):
-            attn = blk.attn
-            H = attn.num_heads
-            dh = W // H
-            scale = dh**-0.5
-            custom = isinstance(blk, CustomResidualAttentionBlock)
-            head_scale = getattr(attn, "head_scale", None) if custom else None
             last = l == L - 1
-            h = blk.ln_1(x)
-            w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
-            if not last:
-                q, k, v = F.linear(h, w_in, b_in).chunk(3, dim=-1)
-                q, k, v = (_split_heads(t, H) for t in (q, k, v))  # [B, H, N, dh]
-                if custom:
-                    q, k = attn.ln_q(q), attn.ln_k(k)
-                o = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, dh]
-                q0 = q[:, :, 0]  # [B, H, dh]
-                zs.append(keep(o[:, :, 0]))
-                if head_scale is not None:
-                    o = o * head_scale
-                x = x + blk.ls_1(attn.out_proj(o.transpose(1, 2).reshape(B, N, W)))
-            else:  # only the class token of the last layer reaches the output
-                kv = F.linear(h, w_in[W:], None if b_in is None else b_in[W:])
-                k, v = (_split_heads(t, H) for t in kv.chunk(2, dim=-1))
-                q0 = F.linear(h[:, 0], w_in[:W], None if b_in is None else b_in[:W]).view(B, H, dh)
-                if custom:
-                    q0, k = attn.ln_q(q0), attn.ln_k(k)
-            logits = torch.einsum("bhd,bhnd->bhn", q0.to(cdt), k.to(cdt)) * scale
-            a = torch.softmax(logits, dim=-1)  # [B, H, N]
-            attns.append(keep(a))
-            if l in keep_tokens:
-                values[l] = keep(v.transpose(1, 2))  # [B, N, H, dh]
-            if not last:
-                y = blk.ls_2(blk.mlp(blk.ln_2(x)))
-                mlps.append(keep(y[:, 0]))
-                x = x + y
-            else:
-                o0 = torch.einsum("bhn,bhnd->bhd", a.to(v.dtype), v)  # [B, H, dh]
-                zs.append(keep(o0))
-                if head_scale is not None:
-                    o0 = o0 * head_scale.view(H, 1)
-                r = x[:, 0] + blk.ls_1(attn.out_proj(o0.reshape(B, W)))
-                y = blk.ls_2(blk.mlp(blk.ln_2(r)))
-                mlps.append(keep(y))
-                r = r + y
-            del h, k, v
-        del x
-        ln_mean, sigma = ln_stats(r.to(cdt), float(visual.ln_post.eps))
+            # the attention temporaries (qkv, probabilities, ...) die inside _attention,
+            # before the MLP runs, as in the plain forward
+            x, z, a, v = _attention(blk, x, cdt, keep_values=l in keep_tokens, class_token_only=last)
+            zs.append(z)
+            attns.append(a)
+            if v is not None:
+                values[l] = v
+            y = blk.ls_2(blk.mlp(blk.ln_2(x)))  # [B, N, W], or [B, W] for the last layer
+            mlps.append(keep(y if last else y[:, 0]))
+            x = x + y
+            del y
+        ln_mean, sigma = ln_stats(x.to(cdt), float(visual.ln_post.eps))  # x: final class token [B, W]
 
     return Decomposition(
         embed_raw=embed_raw,
