@@ -12,7 +12,7 @@ directions explain the most variance of the head's outputs:
     rank <= head_dim + 1 (65 for ViT-L-14), so with rank 80 the trailing
     singular vectors would be an arbitrary, solver-dependent basis of the
     null space and the chosen texts would depend on it;
-(c) k times: score every remaining text x by ``var_i(<C0_i, x / ||x||>)``, pick
+(c) k times: score every remaining text x by ``var_i(<C0_i, x>)``, pick
     the best, record its explained variance, and project its (residual) unit
     direction u out of ``C0`` and out of every remaining text.
 
@@ -20,11 +20,12 @@ Conventions (and where they differ from the paper's public code):
 
 * Variances are population variances (divide by N); the head's total variance
   is ``trace(C0^T C0 / N)`` and ``cumulative_fraction`` is relative to it.
-* By default a text is scored along its *unit* direction, so the score is the
-  variance of the outputs along a direction, independent of how much of the
-  text survived rank reduction / earlier projections.  The public code scores
-  the unnormalised residual x (the std of ``<C0_i, x>``), which favours texts
-  that still have a large component left; pass ``normalize=False`` for that.
+* By default a text is scored, as in the paper's public code, by the variance
+  of ``<C0_i, x>`` with x its unnormalised residual: a text that lies mostly
+  outside the head's span (after rank reduction and earlier picks) scores low.
+  ``normalize=True`` scores along the unit direction ``x / ||x||`` instead (the
+  variance along a direction); then a text with a tiny residual can win, and
+  once the remaining space is one-dimensional every text ties.
 * The rank-reduction basis comes from the *centred* outputs (the public code
   takes the SVD of the uncentred outputs).
 * Chosen texts are never chosen again, and texts whose residual norm drops
@@ -120,7 +121,7 @@ def _finish(indices: list[int], ev: list[Tensor], basis: list[Tensor], mean: Ten
 
 
 def textspan(C: Tensor, X: Tensor, k: int = 60, rank: int | None = 80, *,
-             normalize: bool = True, tol: float = 1e-8,
+             normalize: bool = False, tol: float = 1e-8,
              rank_rtol: float = 1e-10) -> TextSpanResult:
     """Fast TextSpan for one head (covariance-based, O(T r) per iteration).
 
@@ -130,8 +131,8 @@ def textspan(C: Tensor, X: Tensor, k: int = 60, rank: int | None = 80, *,
         k: number of texts to choose.
         rank: keep the top-``rank`` principal directions of the outputs and
             project the texts onto them; ``None`` or ``>= D`` skips this.
-        normalize: score a text along its unit direction (default) rather than
-            along the unnormalised residual x, as the paper's public code does.
+        normalize: score a text along its unit direction rather than along its
+            unnormalised residual x (the default, as the paper's public code does).
         tol: texts whose residual norm is below ``tol * ||x_input||`` are skipped.
         rank_rtol: in the rank reduction, drop principal directions whose
             variance is <= ``rank_rtol`` times the largest (numerical null
@@ -202,7 +203,7 @@ def textspan(C: Tensor, X: Tensor, k: int = 60, rank: int | None = 80, *,
 
 
 def direct_textspan(C: Tensor, X: Tensor, k: int = 60, rank: int | None = 80, *,
-                    normalize: bool = True, tol: float = 1e-8,
+                    normalize: bool = False, tol: float = 1e-8,
                     rank_rtol: float = 1e-10) -> TextSpanResult:
     """Reference TextSpan: literally projects the ``[N, D]`` outputs and all texts.
 
@@ -255,7 +256,7 @@ def textspan_heads(
     rank: int | None = 80,
     *,
     layers: Sequence[int] | None = None,
-    normalize: bool = True,
+    normalize: bool = False,
     tol: float = 1e-8,
     rank_rtol: float = 1e-10,
 ) -> dict[tuple[int, int], TextSpanResult]:
