@@ -16,9 +16,10 @@ Class sets (:func:`class_set`):
 
 * ``imagenet``: the 1000 ImageNet class names x the 80 OpenAI templates.
 * ``toy``: the toy world's shapes (the classes of the toy classification set), each the
-  average of the toy world's own zero-shot prompt ensemble
-  (:func:`clipdecomp.toyworld.captions.zero_shot_prompts` ``("shape")``: "a red circle",
-  "a green circle", ..., "a photo of a circle"), the phrasing the toy captions use.
+  normalised mean of the toy world's own zero-shot prompt ensemble for shape
+  (:func:`clipdecomp.toyworld.captions.zero_shot_prompts` ``("shape")``, e.g. "a circle",
+  "two circles", ...), the phrasing of the toy captions; the shapes rather than all toy
+  descriptions, because a class text should name the object the mask outlines.
 * a text file: one class name per line, with the OpenAI templates (or ``templates``).
 """
 
