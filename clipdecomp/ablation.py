@@ -19,6 +19,7 @@ import torch
 
 from .decomposition import Decomposition, decompose
 from .errors import CheckpointError, InputError
+from .io import atomic_path
 
 __all__ = ["PartMeans", "compute_means", "ablated_embedding", "batch_images"]
 
@@ -56,15 +57,13 @@ class PartMeans:
         """Write to a ``.safetensors`` file (atomically)."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
         tensors = {
             "embed": self.embed.detach().cpu().contiguous(),
             "mlps": self.mlps.detach().cpu().contiguous(),
             "heads": self.heads.detach().cpu().contiguous(),
         }
-        save_file(tensors, tmp, metadata={"format": "clipdecomp-part-means", "count": str(int(self.count))})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "clipdecomp-part-means", "count": str(int(self.count))})
 
     @staticmethod
     def load(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> "PartMeans":

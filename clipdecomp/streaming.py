@@ -36,6 +36,7 @@ import torch
 from .ablation import batch_images
 from .decomposition import Decomposition, decompose
 from .errors import InputError, StoreError
+from .io import atomic_write_bytes, remove_stale_temporaries
 
 __all__ = ["decompose_to_disk", "DecompositionStore", "PARTS", "MANIFEST_NAME"]
 
@@ -44,34 +45,20 @@ FORMAT = "clipdecomp-shards"
 FORMAT_VERSION = 1
 #: Parts that can be stored, per image: embed [D], mlps [L, D], heads [L, H, D], total [D], norm [].
 PARTS = ("embed", "mlps", "heads", "total", "norm")
-_TMP_PREFIX = ".tmp-"
 
 
 def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(_TMP_PREFIX + path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save
 
-    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+    atomic_write_bytes(out / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def _image_sha1(image: torch.Tensor) -> str:
@@ -261,8 +248,7 @@ def decompose_to_disk(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(_TMP_PREFIX + "*"):
-        leftover.unlink()
+    remove_stale_temporaries(out)
 
     name = _model_name(model)
     manifest: Optional[dict] = None

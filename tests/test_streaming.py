@@ -49,7 +49,7 @@ def interrupting(loader, after_batches):
 
 
 def no_temp_files(d):
-    return not [p.name for p in d.iterdir() if p.name.startswith(".tmp-")]
+    return not [p.name for p in d.iterdir() if p.name.endswith(".tmp")]
 
 
 def assert_matches(store, one_shot, tol=1e-5):
