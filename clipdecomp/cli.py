@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrieve": ("clipdecomp.commands.retrieve", "nearest images by chosen heads vs the full embedding; toy factor precision@k"),
     "repair": ("repair.cli", "mean-ablate heads chosen by TextSpan role, bake into a stock open_clip model, export (hub layout)"),
     "waterbirds-eval": ("repair.waterbirds_eval", "zero-shot Waterbirds group accuracies: base, exact / baked repair, random heads"),
+    "reproduce": ("clipdecomp.experiments.reproduce", "run every experiment with data given (toy data by default); report.md with tables, plots, CSVs"),
 }
 
 
