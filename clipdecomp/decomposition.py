@@ -287,6 +287,12 @@ class Decomposition:
         return self._a
 
     @property
+    def head_outputs(self) -> torch.Tensor:
+        """Each head's attention output at the class token, before ``out_proj`` ``[B, L, H, dh]``
+        (``z``: ``heads[:, l, h]`` is ``z[:, l, h] @ effective_weights(l)[h] / sigma`` plus the bias shares)."""
+        return self._z
+
+    @property
     def sigma(self) -> torch.Tensor:
         """Per-image ``ln_post`` scale ``sqrt(var(r) + eps)`` ``[B]``."""
         return self._sigma

@@ -88,17 +88,9 @@ def class_token_head_outputs(dec: Decomposition) -> torch.Tensor:
     """Per-head attention outputs at the class token ``[B, L, H, dh]`` of a decomposition.
 
     These are the activations the decomposition reads every head's contribution from
-    (``heads[:, l, h] = (z[:, l, h] @ W_eff[l, h] + bias share) / sigma + ...``). The
-    :class:`~clipdecomp.decomposition.Decomposition` keeps them but has no public
-    accessor yet, hence the guarded attribute access.
+    (:attr:`~clipdecomp.decomposition.Decomposition.head_outputs`).
     """
-    z = getattr(dec, "_z", None)
-    if not isinstance(z, torch.Tensor) or z.ndim != 4:
-        raise UnsupportedModelError(
-            "this clipdecomp Decomposition does not expose the per-head class-token attention outputs "
-            "(attribute _z [B, L, H, dh]) needed to bake an ablation; update repair.bake."
-        )
-    return z
+    return dec.head_outputs
 
 
 def compute_repair_means(
