@@ -51,12 +51,10 @@ with _no_stub_file():
     class BoundedImage(gr.Image):
         """``gr.Image`` that hands the handler a size-checked RGB PIL image (or ``None``)."""
 
-        is_template = True  # same front-end component as gr.Image
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("image_mode", None)  # Gradio must not decode the upload itself
-            kwargs["type"] = "pil"
-            super().__init__(*args, **kwargs)
+        # Same front-end component as gr.Image. No __init__ of its own: Gradio builds the
+        # front-end config from the signature of __init__. ``type`` and ``image_mode`` are
+        # ignored: :meth:`preprocess` below replaces Gradio's decoding entirely.
+        is_template = True
 
         def preprocess(self, payload: Any) -> Optional[Image.Image]:
             if payload is None:
