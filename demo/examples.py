@@ -40,10 +40,10 @@ def _toy(file: str, texts: str, seed: int, **factors: object) -> Example:
 
 
 TOY_EXAMPLES: tuple[Example, ...] = (
-    _toy("toy_yellow_triangle_water.png", "a triangle\na square\non water", 11,
-         shape="triangle", colour="yellow", texture="plain", region="centre", count=1, background="water"),
     _toy("toy_red_stars_grass.png", "two red stars\ngrass\na blue circle", 3,
          shape="star", colour="red", texture="plain", region="top left", count=2, background="grass"),
+    _toy("toy_yellow_triangle_water.png", "a triangle\na square\non water", 11,
+         shape="triangle", colour="yellow", texture="plain", region="centre", count=1, background="water"),
     _toy("toy_blue_striped_circle_water.png", "a blue striped circle\nwater\nin the bottom right", 7,
          shape="circle", colour="blue", texture="striped", region="bottom right", count=1, background="water"),
     _toy("toy_green_square_grass.png", "a square\na triangle\non grass", 13,

@@ -171,8 +171,11 @@ def build(state: DemoState, image: Any, texts: Any) -> dict[str, Any]:
             run = gr.Button("Show heatmaps", variant="primary")
             scores = gr.Dataframe(headers=SCORE_HEADERS, label="Image-text scores", interactive=False, wrap=True)
         with gr.Column(scale=2):
-            overlays = gr.Gallery(label="Heatmap per text (each on its own colour scale: red high, blue low)", columns=3, height="auto",
-                                  format="jpeg", object_fit="contain", elem_id="heatmap-overlays")
+            gr.Markdown("**Heatmap per text**: where the chosen layers' heads write the text's score from "
+                        "(each map on its own colour scale, red high, blue low)")
+            overlays = gr.Gallery(label="Heatmap per text", show_label=False, columns=3, height=250,
+                                  format="jpeg", object_fit="contain", elem_id="heatmap-overlays",
+                                  elem_classes="square-thumbs")
             relative = gr.Image(label="Relative map: first text minus second", format="jpeg", height=DISPLAY_SIZE,
                                 interactive=False)
 

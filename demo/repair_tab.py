@@ -220,7 +220,7 @@ def build(state: DemoState) -> dict[str, Any]:
                             value=["scenes and settings"] if "scenes and settings" in roles_opts else [])
         threshold = gr.Slider(0, 1, value=0.5, step=0.05, label="Minimum role score")
         top_n = gr.Number(label="...or heads per role (0: use the threshold)", value=0, precision=0, minimum=0)
-        heads = gr.Dropdown(label="Heads (in addition)", multiselect=True,
+        heads = gr.Dropdown(label="Heads (in addition)", multiselect=True, allow_custom_value=True,
                             choices=[head_label(l, h) for l in range(bundle.n_layers) for h in range(bundle.n_heads)])
     with gr.Row():
         select = gr.Button("Select heads")

@@ -206,7 +206,8 @@ def build(state: DemoState, image: Any) -> dict[str, Any]:
     bundle = state.bundle
     cfg = state.config
     with gr.Row():
-        heads = gr.Dropdown(label="Heads (summed)", choices=head_options(bundle), multiselect=True)
+        heads = gr.Dropdown(label="Heads (summed)", choices=head_options(bundle), multiselect=True,
+                            allow_custom_value=True)  # checked by retrieve, with a clearer message
         roles = role_options(bundle)
         role = gr.Dropdown(label="...or a role (or any text)", choices=roles, allow_custom_value=True,
                            value="colours" if "colours" in roles else None)
@@ -218,8 +219,12 @@ def build(state: DemoState, image: Any) -> dict[str, Any]:
                             placeholder="empty = toy scenes")
         run = gr.Button("Find neighbours", variant="primary")
     used = gr.Markdown()
-    by_heads = gr.Gallery(label="Neighbours by the heads", columns=8, height="auto", format="png")
-    by_full = gr.Gallery(label="Neighbours by the full image embedding", columns=8, height="auto", format="png")
+    gr.Markdown("**Neighbours by the heads** (their summed direct contributions)")
+    by_heads = gr.Gallery(label="Neighbours by the heads", show_label=False, columns=8, height=260, format="png",
+                          elem_classes="square-thumbs")
+    gr.Markdown("**Neighbours by the full image embedding** (ordinary CLIP retrieval)")
+    by_full = gr.Gallery(label="Neighbours by the full image embedding", show_label=False, columns=8, height=260,
+                         format="png", elem_classes="square-thumbs")
 
     @ui_handler
     def retrieve_fn(image_value: Any, heads_value: Any, role_value: Optional[str], top_n_value: float,

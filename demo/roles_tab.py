@@ -161,14 +161,17 @@ def build(state: DemoState, image: Any) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=1):
             choices = head_choices(bundle)
-            head = gr.Dropdown(label="Head", choices=choices, value=choices[0][1] if choices else None)
+            head = gr.Dropdown(label="Head", choices=choices, value=choices[0][1] if choices else None,
+                               allow_custom_value=True)  # checked by head_detail, with a clearer message
             n_dirs = gr.Slider(1, MAX_DIRECTIONS, value=4, step=1, label="Directions to draw on the image")
             show = gr.Button("Show head", variant="primary")
             texts = gr.Dataframe(headers=TEXT_HEADERS, label="The head's TextSpan texts", interactive=False,
                                  wrap=True, max_height=360)
         with gr.Column(scale=2):
-            maps = gr.Gallery(label="Per-token maps of the head's directions on the image (largest coefficients)",
-                              columns=4, height="auto", format="png", object_fit="contain")
+            gr.Markdown("**The head's directions on the image**: per-token maps of the TextSpan directions with "
+                        "the largest coefficients for this image (red: the token pushes along the direction)")
+            maps = gr.Gallery(label="Direction maps", show_label=False, columns=4, height=220, format="jpeg",
+                              object_fit="contain", elem_classes="square-thumbs")
     with gr.Accordion("Compute TextSpan for this model from a folder of images", open=bundle.results is None):
         gr.Markdown(f"A folder on the server, searched recursively; at most {MAX_TEXTSPAN_IMAGES} images "
                     "(a seeded random subset of larger folders). Uses the `general` text pool, the last 4 layers.")

@@ -32,6 +32,10 @@ _INTRO = (
 )
 
 
+# Galleries show square images whole (Gradio's thumbnails are wide boxes that crop them).
+CSS = ".square-thumbs .thumbnail-item { aspect-ratio: 1 / 1; } .square-thumbs .thumbnail-item img { object-fit: contain; }"
+
+
 def _header(state: DemoState) -> str:
     return f"# {TITLE}\n{_INTRO}**Model:** {state.bundle.describe()}."
 
@@ -55,11 +59,17 @@ def build_app(state: DemoState) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 image = BoundedImage(label="Image (shared by all tabs)", value=str(ex.path) if ex else None,
-                                     height=300, sources=["upload", "clipboard"], elem_id="input-image")
+                                     type="pil", height=300, sources=["upload", "clipboard"], elem_id="input-image")
                 found = examples(bundle.is_bundled)
                 if found:
-                    gr.Examples([[str(e.path), e.texts] for e in found], [image, texts], label="Examples",
-                                examples_per_page=8)
+                    picker = gr.Examples([[str(e.path)] for e in found], [image], label="Examples (click one)",
+                                         examples_per_page=len(found))
+
+                    def texts_for(evt: gr.SelectData) -> str:
+                        i = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+                        return found[int(i)].texts
+
+                    picker.dataset.select(texts_for, None, texts, api_visibility="private")
             with gr.Column(scale=3):
                 with gr.Tabs():
                     with gr.Tab("Heatmaps", id="heatmaps"):
@@ -115,5 +125,5 @@ def launch(app: gr.Blocks, *, host: str = "127.0.0.1", port: Optional[int] = Non
     and serve; uploads larger than :data:`demo.limits.MAX_IMAGE_BYTES` are refused."""
     app.queue(max_size=32, default_concurrency_limit=1)
     return app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                      max_file_size=MAX_IMAGE_BYTES, theme=gr.themes.Soft(), ssr_mode=False, quiet=quiet,
+                      max_file_size=MAX_IMAGE_BYTES, theme=gr.themes.Soft(), css=CSS, ssr_mode=False, quiet=quiet,
                       footer_links=["api"])

@@ -32,7 +32,7 @@ from demo.state import DemoConfig, DemoState  # noqa: E402
 from demo.ui import build_app, launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TRIANGLE = TOY_EXAMPLES[0]  # the default example: a yellow triangle on water
+TRIANGLE = next(e for e in TOY_EXAMPLES if e.file == "toy_yellow_triangle_water.png")
 TEXTS = ["a triangle", "a square", "on water"]
 LATE = [2, 3, 4, 5]
 
@@ -184,8 +184,7 @@ def test_head_detail_shows_texts_and_direction_maps(served):
     for m in maps:
         assert Image.open(m["image"]).size == (288, 288)
         assert any(t in m["caption"] for t in span.texts)
-    assert "not in the list of choices" in _error(served, handle_file(TRIANGLE.path), "L9.H0", 3,
-                                                 api_name="/head_detail")
+    assert "out of range" in _error(served, handle_file(TRIANGLE.path), "L9.H0", 3, api_name="/head_detail")
 
 
 def test_compute_textspan_refuses_a_missing_folder(served, tmp_path):
@@ -235,7 +234,7 @@ def test_retrieval_finds_the_query_itself_first(served, tmp_path):
 def test_retrieval_bad_inputs(served):
     img = handle_file(TRIANGLE.path)
     assert "at least one head" in _error(served, img, [], "", 1, 4, True, "", api_name="/retrieve")
-    assert "not in the list of choices" in _error(served, img, ["L0.H1"], "", 1, 4, True, "", api_name="/retrieve")
+    assert "not in the gallery's layers" in _error(served, img, ["L0.H1"], "", 1, 4, True, "", api_name="/retrieve")
     assert "between 1 and 24" in _error(served, img, ["L5.H1"], "", 1, 30, True, "", api_name="/retrieve")
 
 
