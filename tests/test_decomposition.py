@@ -132,10 +132,6 @@ def test_tower_options_float64(flags):
     """Config options of open_clip's VisionTransformer that keep the decomposition exact."""
     from open_clip.model import _build_vision_tower
 
-    from clipdecomp.registry import MODEL_CONFIG_DIR
-
-    _OWN_CONFIGS = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
-
     vcfg = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8, **flags}
     torch.manual_seed(0)
     visual = perturb_(_build_vision_tower(16, vcfg, quick_gelu=True)).double().eval()
@@ -288,6 +284,10 @@ def test_every_registry_config_is_decided():
     batch 1 in float32."""
     from open_clip.model import _build_vision_tower
 
+    from clipdecomp.registry import MODEL_CONFIG_DIR
+
+    own_configs = {p.stem for p in MODEL_CONFIG_DIR.glob("*.json")}
+
     names = open_clip.list_models()
     assert len(names) > 100
     supported, refused, sample = [], [], {}
@@ -314,7 +314,7 @@ def test_every_registry_config_is_decided():
         else:
             with pytest.raises(UnsupportedModelError, match="Supported: OpenCLIP ViT"):
                 check_vision_tower(tower)
-        if name.startswith("cdtest-") or name in _OWN_CONFIGS:
+        if name.startswith("cdtest-") or name in own_configs:
             continue  # this suite's and clipdecomp's own configs (registered or not, depending on test order)
         if reason is None and v.get("width", 768) <= _SMALL_WIDTH and v.get("layers", 12) <= _SMALL_LAYERS:
             hw = v["image_size"] if isinstance(v["image_size"], list) else [v["image_size"]] * 2
