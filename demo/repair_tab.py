@@ -19,6 +19,7 @@ Endpoints: ``/select_heads``, ``/repair_eval``, ``/repair_export``.
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -187,7 +188,9 @@ def export_zip(state: DemoState, selection: Any) -> Path:
     heads = "_".join(f"L{l}H{h}" for l, h in selection.pairs())[:80]
     folder = export_repaired(out / "model", baked, base=bundle.lm, selection=selection, means=means,
                              evaluation=report)
-    return _zip_folder(folder, out / f"clipdecomp-repaired-{heads}.zip")
+    archive = _zip_folder(folder, out / f"clipdecomp-repaired-{heads}.zip")
+    shutil.rmtree(folder, ignore_errors=True)
+    return archive
 
 
 def _zip_folder(folder: Path, path: Path) -> Path:

@@ -120,7 +120,12 @@ def folder_gallery(bundle: ModelBundle, folder: Any) -> Gallery:
         return Gallery(f"{len(files)} images from {path}", thumbs, [f.relative_to(path).as_posix() for f in files],
                        contrib)
 
-    return bundle.cached(("folder-gallery", stamp), make)
+    key = ("folder-gallery", stamp)
+    with bundle.lock:  # keep one other folder's gallery at most: folders can be large
+        others = [k for k in bundle.memo if isinstance(k, tuple) and k[0] == "folder-gallery" and k != key]
+        for k in others[:-1]:
+            del bundle.memo[k]
+    return bundle.cached(key, make)
 
 
 def resolve_heads(bundle: ModelBundle, heads: Any = None, role: Optional[str] = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -221,9 +222,10 @@ class DemoState:
         with self._lock:
             if self._bundle is not None and self._bundle.spec == (name, pretrained):
                 return self._bundle
-            bundle = self._load(name, pretrained, None)
+        bundle = self._load(name, pretrained, None)  # outside the lock: requests keep using the current model
+        with self._lock:
             self._bundle = bundle
-            return bundle
+        return bundle
 
     # ------------------------------------------------------------------ files
     @property
@@ -232,10 +234,13 @@ class DemoState:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def new_output_dir(self, prefix: str) -> Path:
+    def new_output_dir(self, prefix: str, keep: int = 4) -> Path:
         """A fresh folder for files handed to the browser (inside the system temp folder,
-        which Gradio serves)."""
+        which Gradio serves); only the ``keep`` newest such folders are kept."""
         with self._lock:
             if self._workdir is None:
                 self._workdir = Path(tempfile.mkdtemp(prefix="clipdecomp-demo-"))
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._workdir))
+            old = sorted((d for d in self._workdir.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+            for d in old[: max(0, len(old) - keep + 1)]:
+                shutil.rmtree(d, ignore_errors=True)
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=self._workdir))

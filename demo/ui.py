@@ -44,7 +44,8 @@ def build_app(state: DemoState) -> gr.Blocks:
     """The app for ``state``'s model (loads it now, so a bad model fails before serving)."""
     bundle = state.bundle
     ex = default_example(bundle.is_bundled)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+    # uploads and results older than a day are removed from Gradio's cache every hour
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         header = gr.Markdown(_header(state))
         with gr.Accordion("Model", open=False):
             with gr.Row():
