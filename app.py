@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python app.py",
         description="Interactive demo of clipdecomp: text heatmaps, head roles, retrieval by head, and "
                     "head-ablation repair of an OpenCLIP ViT (default: the bundled toy-world model, offline).",
-        epilog=__doc__.split("\n\n", 2)[2],
+        epilog=__doc__.split("\n\n", 2)[2].replace("``", "").replace(":mod:", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=os.environ.get("CLIPDECOMP_MODEL") or None,
