@@ -125,7 +125,7 @@ def _argv(data: Path, out: Path, model: tuple[str, Path]) -> list[str]:
     return ["--model", model[0], "--pretrained", str(model[1]), "--imagenet", str(data / "classification"), "--waterbirds", str(data / "waterbirds"),
             "--segmentation", str(data / "segmentation" / "gtsegs_ijcv.mat"), "--classes", "toy",
             "--textspan-layers", "2", "--textspan-k", "6", "--random-size", "64", "--ks", "0", "1", "3", "6",
-            "--random-trials", "2", "--top-n", "2", "--batch-size", "8", "--quiet", "--out", str(out)]
+            "--random-trials", "2", "--top-n", "2", "--max-images", "12", "--batch-size", "8", "--quiet", "--out", str(out)]
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -167,6 +167,7 @@ def test_numbers_are_consistent(report):
     layers = json.loads((out / "cache" / "layers.json").read_text())["result"]
     n = layers["n_images"]
     assert n == 16 and len(layers["curve"]) == REPRO_CFG["vision_cfg"]["layers"] + 1
+    assert layers["n_means"] == 12  # --max-images: a subset of the 16 train images
     assert layers["curve"][0]["accuracy"] == layers["accuracy"]["base"]  # nothing ablated at l = 0
     rows = _csv(out / "layers.csv")
     assert [r["setting"] for r in rows[:4]] == list(SETTINGS)
@@ -187,6 +188,8 @@ def test_numbers_are_consistent(report):
     seg = _csv(out / "segmentation.csv")
     assert [r["method"] for r in seg] == ["ours", "raw_attention", "rollout", "gradcam"]
     assert all(0 <= float(r["miou"]) <= 1 for r in seg)
+    for pool in ("general", "words", "random"):
+        assert json.loads((out / "cache" / f"textspan_{pool}_summary.json").read_text())["result"]["n_images"] == 12
     roles = _csv(out / "head_roles.csv")
     assert len(roles) == 3 * 2 * 2  # pools x layers x heads
 

@@ -183,6 +183,8 @@ def run_layer_experiments(
     templates_or_prompt_sets: Optional[TemplatesOrPromptSets] = None,
     *,
     means: Optional[LayerMeans] = None,
+    means_max_images: Optional[int] = None,
+    seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -196,6 +198,8 @@ def run_layer_experiments(
             names, underscores -> spaces).
         templates_or_prompt_sets: templates, or ``{class name: [prompts]}``.
         means: precomputed :class:`LayerMeans` (then ``train_folder`` is not read).
+        means_max_images, seed: take the means over a seeded random subset of at most
+            this many ``train_folder`` images (:func:`~clipdecomp.images.image_loader`).
 
     Returns:
         ``{"accuracy": {setting: fraction}, "correct": {setting: int}, "curve":
@@ -218,7 +222,8 @@ def run_layer_experiments(
         raise InputError(f"{len(names)} class names for {len(dataset.classes)} class folders in {eval_folder}.")
     classifier = class_embeddings(model, names, templates_or_prompt_sets)
     if means is None:
-        means = stream_layer_means(model, image_loader(train_folder, model.preprocess, batch_size), progress=progress)
+        loader = image_loader(train_folder, model.preprocess, batch_size, max_images=means_max_images, seed=seed)
+        means = stream_layer_means(model, loader, progress=progress)
     correct: dict[str, int] = {}
     n = 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)

@@ -104,6 +104,7 @@ class Plan:
     role_score: str = "variance"
     role_top_n: int = 6
     random_trials: int = 5
+    max_images: Optional[int] = 5000
     seg_limit: Optional[int] = None
     batch_size: int = 64
     seed: int = 0
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score", choices=("share", "variance"), default="variance", help="role score (default variance)")
     g.add_argument("--top-n", type=int, default=6, help="heads per role query (default 6)")
     g.add_argument("--random-trials", type=int, default=5, help="random-heads draws for Waterbirds (default 5)")
+    g.add_argument("--max-images", type=int, default=5000,
+                   help="at most N images (a seeded random subset) of the means split and of the TextSpan images "
+                        "(default 5000; 0 = all)")
     g.add_argument("--seg-limit", type=int, default=None, help="evaluate only the first N segmentation images")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -241,6 +245,8 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     for name in ("batch_size", "textspan_layers", "textspan_k", "textspan_rank", "random_size", "top_n"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.max_images < 0:
+        raise InputError(f"--max-images must be >= 0 (0 = all), got {args.max_images}.")
     if args.random_trials < 0:
         raise InputError(f"--random-trials must be >= 0, got {args.random_trials}.")
     if args.scale <= 0:
@@ -261,7 +267,7 @@ def make_plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         waterbirds=args.waterbirds, segmentation=args.segmentation, textspan_images=args.textspan_images,
         classes=args.classes, ks=tuple(args.ks), textspan_layers=args.textspan_layers, textspan_k=args.textspan_k,
         textspan_rank=args.textspan_rank, random_size=args.random_size, roles=args.roles, role_score=args.score,
-        role_top_n=args.top_n, random_trials=args.random_trials, seg_limit=args.seg_limit,
+        role_top_n=args.top_n, random_trials=args.random_trials, max_images=args.max_images or None, seg_limit=args.seg_limit,
         batch_size=args.batch_size, seed=args.seed, scale=args.scale, progress=not args.quiet, argv=list(argv),
     )
 
@@ -322,7 +328,7 @@ def toy_texts(plan: Plan) -> bool:
 
 def _base_params(plan: Plan, model: Any) -> dict[str, Any]:
     return {"model": plan.model, "pretrained": plan.pretrained, "model_name": getattr(model, "name", None),
-            "batch_size": plan.batch_size}
+            "batch_size": plan.batch_size, "max_images": plan.max_images, "seed": plan.seed}
 
 
 def exp_layers(plan: Plan, model: Any) -> dict[str, Any]:
@@ -333,7 +339,8 @@ def exp_layers(plan: Plan, model: Any) -> dict[str, Any]:
 
     def compute() -> dict[str, Any]:
         res = run_layer_experiments(model, plan.imagenet / "train", plan.imagenet / "val", names, spec,
-                                    batch_size=plan.batch_size, progress=plan.progress)
+                                    means_max_images=plan.max_images, seed=plan.seed, batch_size=plan.batch_size,
+                                    progress=plan.progress)
         res["class_texts"] = kind
         return res
 
@@ -357,7 +364,7 @@ def exp_textspan(plan: Plan, model: Any, pool: str) -> tuple[dict[str, Any], Pat
 
     def compute() -> dict[str, Any]:
         res = run_textspan(model, plan.textspan_images, pool=pool, layers=layers, k=plan.textspan_k,
-                           rank=plan.textspan_rank, batch_size=plan.batch_size, seed=plan.seed,
+                           rank=plan.textspan_rank, batch_size=plan.batch_size, max_images=plan.max_images, seed=plan.seed,
                            random_size=plan.random_size, model_spec=(plan.model, plan.pretrained),
                            progress=plan.progress)
         res.save(path)
@@ -378,7 +385,13 @@ def exp_completeness(plan: Plan, model: Any, spans: Mapping[str, Path]) -> dict[
               "spans": {p: _textspan_params(plan, model, p) for p in spans}}
 
     def compute() -> list[dict[str, Any]]:
-        return run_completeness(model, plan.imagenet / "val", plan.imagenet / "train", dict(spans), ks=plan.ks,
+        from ..ablation import compute_means
+        from ..images import image_loader
+
+        loader = image_loader(plan.imagenet / "train", model.preprocess, plan.batch_size, max_images=plan.max_images,
+                              seed=plan.seed)
+        means = compute_means(model, loader, progress=plan.progress)
+        return run_completeness(model, plan.imagenet / "val", means, dict(spans), ks=plan.ks,
                                 templates=_templates(spec), classnames=names, batch_size=plan.batch_size,
                                 progress=plan.progress)
 
