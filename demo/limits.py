@@ -156,7 +156,8 @@ def parse_texts(texts: Union[str, Sequence[str], None]) -> list[str]:
 
 def check_folder(path: Union[str, os.PathLike, None], what: str = "image folder") -> Path:
     """A server-side folder typed into the UI: it must exist, lie inside
-    ``$CLIPDECOMP_FOLDER_ROOT`` when that is set, and hold at most
+    ``$CLIPDECOMP_FOLDER_ROOT`` when that is set (on a Hugging Face Space, where
+    ``SPACE_ID`` is set, folders are refused unless it is), and hold at most
     :data:`MAX_FOLDER_ENTRIES` entries (counted recursively).
 
     Raises:
@@ -172,6 +173,11 @@ def check_folder(path: Union[str, os.PathLike, None], what: str = "image folder"
         if resolved != root and root not in resolved.parents:
             raise InputError(f"The {what} must be inside {root} on this server, got {str(path)!r}.")
         folder = resolved
+    elif "SPACE_ID" in os.environ:
+        # A public Space with no root set would let any visitor walk the server's files.
+        raise InputError(
+            f"Server folders are disabled on this public deployment; its owner can allow one by setting {FOLDER_ROOT_ENV}."
+        )
     if not folder.is_dir():
         raise InputError(f"The {what} {str(folder)!r} does not exist or is not a folder on the server.")
     n = 0
