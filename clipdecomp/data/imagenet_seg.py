@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
+import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -49,14 +50,6 @@ EXPECTED_LAYOUT = (
     "stored [3, W, H] uint8, and /value/gt = [n, 1] object references to cells whose [0, 0] entry "
     "references a mask stored [W, H] with values 0/1"
 )
-
-
-def _h5py():
-    try:
-        import h5py
-    except ImportError as exc:  # pragma: no cover - h5py is a hard requirement
-        raise InputError("reading/writing gtsegs_ijcv.mat needs the `h5py` package (pip install h5py)") from exc
-    return h5py
 
 
 # --------------------------------------------------------------------------- reading
@@ -163,7 +156,6 @@ class ImageNetSegmentation(torch.utils.data.Dataset):
             raise InputError(f"ImageNet-segmentation file not found: {self.path}; {EXPECTED_LAYOUT} (gtsegs_ijcv.mat)")
         if not self.path.is_file():
             raise InputError(f"{self.path} is not a file; {EXPECTED_LAYOUT} (gtsegs_ijcv.mat)")
-        h5py = _h5py()
         with self._open(h5py) as f:
             self._n = _check_layout(h5py, f, self.path)
 
@@ -179,7 +171,7 @@ class ImageNetSegmentation(torch.utils.data.Dataset):
     def _handle(self) -> Any:
         pid = os.getpid()
         if self._file is None or self._pid != pid:
-            self._file = self._open(_h5py())
+            self._file = self._open(h5py)
             self._pid = pid
         return self._file
 
@@ -192,7 +184,7 @@ class ImageNetSegmentation(torch.utils.data.Dataset):
             index += self._n
         if not 0 <= index < self._n:
             raise IndexError(f"index out of range: the file holds {self._n} items")
-        image, mask = _read_item(_h5py(), self._handle(), index, self.path)
+        image, mask = _read_item(h5py, self._handle(), index, self.path)
         if self.transform is not None:
             return self.transform(image, mask)
         return image, mask
@@ -273,7 +265,6 @@ def write_gtsegs(
     file appears atomically.  ``compression`` (e.g. ``"gzip"``) is passed to h5py.
     Returns the number of items written.
     """
-    h5py = _h5py()
     ref_dtype = h5py.ref_dtype
     matlab_class = lambda name: np.bytes_(name)  # noqa: E731 - MATLAB stores fixed-length ASCII attributes
     with atomic_path(path) as tmp:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -56,14 +57,6 @@ EXPECTED_LAYOUT = (
 )
 
 
-def _pandas():
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover - pandas is a hard requirement
-        raise InputError("reading Waterbirds metadata needs the `pandas` package (pip install pandas)") from exc
-    return pd
-
-
 def split_code(split: str | int) -> int:
     """``"train"/"val"/"test"`` or ``0/1/2`` -> 0/1/2."""
     if isinstance(split, str) and split.strip().lower() in SPLITS:
@@ -74,7 +67,6 @@ def split_code(split: str | int) -> int:
 
 
 def _check_binary(df: Any, column: str, source: str) -> None:
-    pd = _pandas()
     values = pd.to_numeric(df[column], errors="coerce")
     bad = df[column][values.isna() | ~values.isin([0, 1])]
     if len(bad):
@@ -91,7 +83,6 @@ def validate_metadata(df: Any, root: str | os.PathLike | None = None, *, source:
     ``split`` values, missing ``img_filename`` entries and -- when ``root`` is given and
     ``check_files`` -- image files absent under ``root``.
     """
-    pd = _pandas()
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise InputError(f"{source}: missing column(s) {missing} (found {list(df.columns)}); {EXPECTED_LAYOUT}")
@@ -132,7 +123,6 @@ def read_metadata(root: str | os.PathLike, *, check_files: bool = True) -> Any:
 
     Returns a pandas DataFrame with all rows (every split).
     """
-    pd = _pandas()
     csv_path, folder = _metadata_path(root)
     if not csv_path.is_file():
         raise InputError(f"Waterbirds metadata not found: {csv_path}; {EXPECTED_LAYOUT}")
@@ -146,7 +136,6 @@ def read_metadata(root: str | os.PathLike, *, check_files: bool = True) -> Any:
 def write_metadata(path: str | os.PathLike, rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> Path:
     """Write ``metadata.csv`` atomically from ``rows`` (dicts with the six columns, or 6-tuples in
     :data:`COLUMNS` order).  Rows are validated (image files are not checked).  Returns the path."""
-    pd = _pandas()
     records = []
     for i, r in enumerate(rows):
         if isinstance(r, Mapping):
