@@ -56,9 +56,10 @@ def _add_selection_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--roles", default=None, help="comma-separated role queries, e.g. 'geolocation,background scene'")
     g.add_argument("--threshold", type=float, default=None, help="minimum role score for a head to be chosen")
     g.add_argument("--top-n", type=int, default=None, help="at most this many heads per role query")
-    g.add_argument("--score", choices=("share", "variance"), default="share",
-                   help="role score: 'share' = fraction of the head's top-10 TextSpan variance from the role's texts "
-                        "(default); 'variance' = that fraction times the variance itself (use with --top-n)")
+    g.add_argument("--score", choices=("share", "variance"), default="variance",
+                   help="role score: 'variance' (default, as in `clipdecomp reproduce`) = the fraction of the head's "
+                        "top-10 TextSpan variance from the role's texts times that variance, so heads that write "
+                        "much of the role rank first (use with --top-n); 'share' = the fraction alone")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
