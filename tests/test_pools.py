@@ -237,3 +237,13 @@ def test_make_words_pool_script(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
     h = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "--n" in h.stdout and "--out" in h.stdout
+
+
+def test_words_pool_leaves_out_profanity_and_slurs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_words_pool", REPO / "tools" / "make_words_pool.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    words = {w.lower() for w in load_pool("words").texts}
+    assert len(module.EXCLUDED) > 10 and not module.EXCLUDED & words

@@ -30,9 +30,17 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "pools" / "wor
 MIN_LEN = 3
 
 
+# Profanity and slurs among the most frequent words: TextSpan shows a head's top texts
+# in the demo and in reports, where these would be shown to visitors for no gain.
+EXCLUDED = frozenset({
+    "fuck", "fucking", "fucked", "fucker", "motherfucker", "shit", "shitty", "bullshit", "bitch", "bitches",
+    "dick", "pussy", "cunt", "cock", "whore", "slut", "porn", "rape", "nigga", "nigger", "fag", "faggot", "retard",
+})
+
+
 def keep(word: str) -> bool:
-    """True for ASCII alphabetic words of at least ``MIN_LEN`` letters."""
-    return len(word) >= MIN_LEN and word.isascii() and word.isalpha()
+    """True for ASCII alphabetic words of at least ``MIN_LEN`` letters, not in ``EXCLUDED``."""
+    return len(word) >= MIN_LEN and word.isascii() and word.isalpha() and word.lower() not in EXCLUDED
 
 
 def common_words(n: int, lang: str = "en") -> list[str]:
