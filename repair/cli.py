@@ -14,13 +14,12 @@ and a one-line message on a bad argument or input.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 
+from clipdecomp.commands.common import add_model_arguments
 from clipdecomp.errors import ClipDecompError, InputError
 from clipdecomp.loading import LoadedModel, load_model
 
@@ -44,9 +43,7 @@ _SPLITS = ("train", "val", "test")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH' (default: the bundled toy model)")
-    g.add_argument("--pretrained", default=None, help="pretrained tag or weights file for an architecture name")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_model_arguments(g)
 
 
 def _add_selection_args(p: argparse.ArgumentParser, required: bool) -> None:

@@ -19,14 +19,14 @@ from typing import Optional
 
 from ..errors import ClipDecompError
 from ..streaming import PARTS
+from .common import add_model_arguments, load_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipdecomp decompose", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="open_clip model name, hf-hub:ORG/REPO or local-dir:PATH (default: bundled toy model)")
-    parser.add_argument("--pretrained", default=None, help="pretrained tag or .safetensors / weights-only checkpoint, with a model name")
+    add_model_arguments(parser)
     parser.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; resumed if it holds shards)")
     parser.add_argument("--parts", default="embed,mlps,heads", help=f"comma-separated subset of {','.join(PARTS)}")
@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=256, help="images per shard")
     parser.add_argument("--max-images", type=int, default=None, help="a seeded random subset of this size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
     return parser
 
 
@@ -43,13 +42,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     try:
         from ..images import image_loader
-        from ..loading import load_model
         from ..streaming import decompose_to_disk
 
         unknown = [p for p in parts if p not in PARTS]
         if unknown or not parts:
             raise ClipDecompError(f"--parts: unknown part(s) {unknown}; accepted: {', '.join(PARTS)}")
-        model = load_model(args.model, args.pretrained, device=args.device)
+        model = load_from_args(args)
         loader = image_loader(args.images, model.preprocess, args.batch_size, max_images=args.max_images, seed=args.seed)
         store = decompose_to_disk(model, loader, args.out, parts=parts, shard_size=args.shard_size)
     except ClipDecompError as e:

@@ -22,26 +22,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from ..errors import ClipDecompError, InputError
+from .common import add_model_arguments, load_from_args
 
 __all__ = ["add_model_arguments", "load_from_args", "parse_layers", "model_input", "build_parser", "main"]
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--pretrained``, ``--device`` (shared by heatmap / segment-eval / retrieve)."""
-    p.add_argument("--model", default=None,
-                   help="open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH' (default: the bundled toy model)")
-    p.add_argument("--pretrained", default=None, help="pretrained tag or weights file for --model")
-    p.add_argument("--device", default="cpu")
-
-
-def load_from_args(args: argparse.Namespace) -> Any:
-    """``load_model(args.model, args.pretrained, device=args.device)``."""
-    from ..loading import load_model
-
-    return load_model(args.model, args.pretrained, device=args.device)
 
 
 def parse_layers(spec: str, n_layers: int) -> Union[str, list[int]]:

@@ -35,7 +35,8 @@ import torch
 
 from ..errors import ClipDecompError, InputError
 from ..retrieval import Contributions, factor_precision_at_k, gallery_contributions, nearest, parse_head, probe_accuracy
-from .heatmap import add_model_arguments, load_from_args, model_input, parse_layers
+from .common import add_model_arguments, load_from_args
+from .heatmap import model_input, parse_layers
 
 __all__ = ["build_parser", "main", "retrieve", "toy_scenes", "evaluate_factor"]
 

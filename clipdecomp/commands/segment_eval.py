@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ClipDecompError, InputError
-from .heatmap import add_model_arguments, load_from_args, parse_layers
+from .common import add_model_arguments, load_from_args
+from .heatmap import parse_layers
 
 __all__ = ["build_parser", "main"]
 

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ClipDecompError, InputError
 from ..textspan_results import HeadSpan, TextSpanResults
+from .common import add_model_arguments
 
 __all__ = ["pool_embeddings", "head_contributions", "run_textspan", "main"]
 
@@ -171,9 +172,7 @@ def run_textspan(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipdecomp textspan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH' "
-                   "(default: the bundled toy model)")
-    p.add_argument("--pretrained", default=None, help="pretrained tag or weights file (with an architecture name)")
+    add_model_arguments(p)
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--pool", default="general", help="general | words | random | FILE (default: general)")
     p.add_argument("--layers", type=int, default=4, help="analyse the heads of the last N layers (default 4)")
@@ -184,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset and the random pool (default 0)")
     p.add_argument("--random-size", type=int, default=DEFAULT_RANDOM_SIZE,
                    help=f"size of the random pool (default {DEFAULT_RANDOM_SIZE})")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", type=Path, required=True, help="results FILE.json (FILE.safetensors is written beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     return p

@@ -38,6 +38,7 @@ import torch
 
 from ..ablation import PartMeans
 from ..decomposition import Decomposition
+from ..commands.common import add_model_arguments
 from ..errors import ClipDecompError, InputError
 from ..io import atomic_write_text
 from ..textspan_results import TextSpanResults
@@ -244,15 +245,13 @@ def _parse_spans(items: Sequence[str]) -> dict[str, str]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clipdecomp.experiments.completeness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="as for clipdecomp textspan (default: the bundled toy model)")
-    p.add_argument("--pretrained", default=None)
+    add_model_arguments(p)
     p.add_argument("--eval", type=Path, required=True, help="ImageFolder ROOT/CLASS/*.png to classify")
     p.add_argument("--means", type=Path, required=True, help="folder of images (another split) for the part means")
     p.add_argument("--spans", nargs="+", required=True, metavar="POOL=FILE.json", help="TextSpan results per pool")
     p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="numbers of directions per head")
     p.add_argument("--template", action="append", default=None, help="prompt template with {} (repeatable)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--csv", type=Path, default=None, help="write the table as CSV")
     args = p.parse_args(argv)
     try:

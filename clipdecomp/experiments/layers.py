@@ -48,6 +48,7 @@ import torch
 
 from ..ablation import PartMeans, ablated_embedding, batch_images
 from ..decomposition import Decomposition
+from ..commands.common import add_model_arguments
 from ..errors import ClipDecompError, InputError
 from ..io import atomic_write_text
 
@@ -271,13 +272,11 @@ def write_csv(result: Mapping[str, Any], path: Union[str, os.PathLike]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m clipdecomp.experiments.layers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="as for clipdecomp textspan (default: the bundled toy model)")
-    p.add_argument("--pretrained", default=None)
+    add_model_arguments(p)
     p.add_argument("--train", type=Path, required=True, help="folder of images (another split) for the means")
     p.add_argument("--eval", type=Path, required=True, help="ImageFolder ROOT/CLASS/* to classify")
     p.add_argument("--template", action="append", default=None, help="prompt template with {} (repeatable; default OpenAI's 80)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--csv", type=Path, default=None, help="write the table as CSV")
     args = p.parse_args(argv)
     try:

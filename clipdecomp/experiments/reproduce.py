@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ..commands.common import add_model_arguments
 from ..errors import ClipDecompError, InputError
 from ..io import atomic_path, atomic_write_text
 
@@ -198,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipdecomp reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH' (default: the bundled toy model)")
-    g.add_argument("--pretrained", default=None, help="pretrained tag or weights file")
-    g.add_argument("--device", default="cpu")
+    add_model_arguments(g)
     g = p.add_argument_group("data (none given: generate the toy data sets into OUT/data)")
     g.add_argument("--imagenet", type=Path, default=None, metavar="DIR", help="ImageFolder with train/ (means, TextSpan) and val/ (accuracy)")
     g.add_argument("--waterbirds", type=Path, default=None, metavar="DIR", help="Waterbirds folder (metadata.csv + images)")
