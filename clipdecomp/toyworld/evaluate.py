@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import torch
 
+from ..zeroshot import text_embeddings
 from .batches import to_tensor
 from .captions import zero_shot_prompts
 from .world import FACTORS, render, sample_scene
@@ -27,22 +28,10 @@ def heldout_scenes(n: int, seed: int = EVAL_SEED, spurious: float | None = None)
     return [sample_scene(rng, spurious=spurious) for _ in range(n)]
 
 
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Unit-normalised text embeddings `[T, D]`."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[i : i + batch_size]).to(device)
-        out.append(model.encode_text(tokens, normalize=True).to(dtype))
-    return torch.cat(out)
-
-
 def class_embeddings(model, tokenizer, prompts: dict[object, list[str]]) -> tuple[list, torch.Tensor]:
     """Prompt-ensemble class embeddings: the values and `[C, D]`, unit norm."""
     values = list(prompts)
-    rows = [encode_texts(model, tokenizer, prompts[v]).mean(0) for v in values]
+    rows = [text_embeddings(model, prompts[v], tokenizer=tokenizer).mean(0) for v in values]
     emb = torch.stack(rows)
     return values, emb / emb.norm(dim=-1, keepdim=True)
 
