@@ -7,7 +7,7 @@ prompt templates are open_clip's ImageNet ones (``open_clip.zero_shot_metadata``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ __all__ = [
     "OPENAI_IMAGENET_TEMPLATES",
     "text_embeddings",
     "zero_shot_classifier",
+    "prompt_set_classifier",
+    "class_embeddings",
     "zero_shot_logits",
     "predict",
     "accuracy",
@@ -32,6 +34,8 @@ IMAGENET_CLASSNAMES: tuple[str, ...] = tuple(zero_shot_metadata.IMAGENET_CLASSNA
 OPENAI_IMAGENET_TEMPLATES: tuple[Callable[[str], str], ...] = tuple(zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
 
 Template = Union[str, Callable[[str], str]]
+#: Prompt templates, or per-class prompt ensembles ``{class: [prompt, ...]}``.
+TemplatesOrPromptSets = Union[Sequence[Template], Mapping[Any, Sequence[str]]]
 
 
 def _clip_and_tokenizer(model: Any, tokenizer: Optional[Callable]) -> tuple[Any, Callable]:
@@ -121,6 +125,48 @@ def zero_shot_classifier(
         emb = text_embeddings(model, prompts, batch_size, tokenizer=tokenizer)
         rows.append(F.normalize(emb.view(len(chunk), n_t, -1).mean(dim=1), dim=-1))
     return torch.cat(rows)
+
+
+def prompt_set_classifier(
+    model: Any,
+    prompt_sets: Mapping[Any, Sequence[str]],
+    classes: Optional[Sequence[Any]] = None,
+    *,
+    batch_size: int = 256,
+    tokenizer: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Zero-shot class embeddings ``[C, D]`` from per-class prompt ensembles.
+
+    ``prompt_sets`` maps each class to its own prompts (``{"circle": ["a circle",
+    "two circles", ...], ...}``, e.g. :func:`clipdecomp.toyworld.captions.zero_shot_prompts`);
+    sets may differ in size. A class embedding is the normalised mean of its prompts'
+    normalised embeddings, as in :func:`zero_shot_classifier`. Rows follow ``classes``
+    (default: the mapping's order).
+    """
+    if not isinstance(prompt_sets, Mapping) or not prompt_sets:
+        raise InputError("prompt_sets must be a non-empty mapping {class: [prompt, ...]}.")
+    classes = list(prompt_sets) if classes is None else list(classes)
+    missing = [c for c in classes if c not in prompt_sets]
+    if missing or not classes:
+        raise InputError(f"no prompt set for class(es) {missing!r}; the prompt sets cover {list(prompt_sets)}.")
+    sets = [_check_strings(prompt_sets[c], f"the prompts of class {c!r}") for c in classes]
+    emb = text_embeddings(model, [p for ps in sets for p in ps], batch_size, tokenizer=tokenizer)
+    rows = torch.split(emb, [len(ps) for ps in sets])
+    return F.normalize(torch.stack([r.mean(0) for r in rows]), dim=-1)
+
+
+def class_embeddings(
+    model: Any, classnames: Sequence[str], templates_or_prompt_sets: Optional[TemplatesOrPromptSets] = None
+) -> torch.Tensor:
+    """Zero-shot class embeddings ``[C, D]``, rows in ``classnames`` order, from templates
+    (default: OpenAI's ImageNet ones, see :func:`zero_shot_classifier`) or per-class prompt
+    ensembles (a mapping, see :func:`prompt_set_classifier`)."""
+    spec = templates_or_prompt_sets
+    if spec is None:
+        return zero_shot_classifier(model, list(classnames))
+    if isinstance(spec, Mapping):
+        return prompt_set_classifier(model, {str(k): v for k, v in spec.items()}, [str(c) for c in classnames])
+    return zero_shot_classifier(model, list(classnames), list(spec))
 
 
 def zero_shot_logits(embeddings: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

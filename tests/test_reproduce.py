@@ -17,7 +17,6 @@ from clipdecomp.errors import InputError
 from clipdecomp.experiments.layers import (
     SETTINGS,
     class_token_term,
-    prompt_set_templates,
     setting_embeddings,
     stream_layer_means,
 )
@@ -80,7 +79,7 @@ def test_settings_ablate_what_they_say(tiny64, batch):
 
 
 def test_prompt_sets_give_the_segmentation_toy_classes(tiny64):
-    from clipdecomp.experiments.layers import class_embeddings
+    from clipdecomp.zeroshot import class_embeddings
     from clipdecomp.experiments.segmentation import class_set
     from clipdecomp.toyworld.captions import zero_shot_prompts
 
@@ -89,10 +88,8 @@ def test_prompt_sets_give_the_segmentation_toy_classes(tiny64):
     names = sorted(ref.names)  # ImageFolder order differs from the toy world's order
     got = class_embeddings(tiny64, names, prompts)
     torch.testing.assert_close(got, ref.embeddings[[ref.names.index(n) for n in names]], rtol=1e-6, atol=1e-6)
-    with pytest.raises(InputError, match="same, non-zero number"):
-        prompt_set_templates({"a": ["x"], "b": ["y", "z"]})
-    with pytest.raises(InputError, match="no prompt set for class 'dog'"):
-        prompt_set_templates(prompts)[0]("dog")
+    with pytest.raises(InputError, match=r"no prompt set for class\(es\) \['dog'\]"):
+        class_embeddings(tiny64, ["circle", "dog"], prompts)
 
 
 # ----------------------------------------------------------------------------- end to end

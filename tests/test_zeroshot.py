@@ -12,6 +12,7 @@ from clipdecomp.zeroshot import (
     OPENAI_IMAGENET_TEMPLATES,
     accuracy,
     predict,
+    prompt_set_classifier,
     text_embeddings,
     zero_shot_classifier,
     zero_shot_logits,
@@ -46,6 +47,25 @@ def test_zero_shot_classifier(tiny):
     for i, c in enumerate(classes):
         e = text_embeddings(tiny, [f"a photo of a {c}.", f"a drawing of a {c}."])
         assert torch.allclose(clf[i], F.normalize(e.mean(0), dim=-1), atol=1e-6)
+
+
+def test_prompt_set_classifier(tiny):
+    sets = {"circle": ["a circle", "two circles", "a red circle"], "star": ["a star"]}
+    clf = prompt_set_classifier(tiny, sets, batch_size=2)
+    assert clf.shape == (2, 24)
+    for i, name in enumerate(sets):
+        assert torch.allclose(clf[i], F.normalize(text_embeddings(tiny, sets[name]).mean(0), dim=-1), atol=1e-6)
+    # rows follow `classes`; equal-sized sets agree with zero_shot_classifier's template route
+    assert torch.allclose(prompt_set_classifier(tiny, sets, ["star", "circle"]), clf.flip(0), atol=1e-6)
+    same = {"cat": ["a cat", "cats"], "dog": ["a dog", "dogs"]}
+    templates = [lambda c: f"a {c}", lambda c: f"{c}s"]
+    assert torch.allclose(prompt_set_classifier(tiny, same), zero_shot_classifier(tiny, ["cat", "dog"], templates), atol=1e-6)
+    with pytest.raises(InputError, match=r"no prompt set for class\(es\) \['dog'\]"):
+        prompt_set_classifier(tiny, sets, ["circle", "dog"])
+    with pytest.raises(InputError, match="prompts of class 'star' is empty"):
+        prompt_set_classifier(tiny, {"circle": ["a circle"], "star": []})
+    with pytest.raises(InputError, match="non-empty mapping"):
+        prompt_set_classifier(tiny, ["a circle"])
 
 
 def test_predict_and_accuracy():

@@ -32,7 +32,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -41,6 +41,7 @@ from ..decomposition import Decomposition
 from ..commands.common import add_model_arguments
 from ..errors import ClipDecompError, InputError
 from ..io import atomic_write_text
+from ..zeroshot import TemplatesOrPromptSets
 from ..textspan_results import TextSpanResults
 
 __all__ = [
@@ -149,7 +150,7 @@ def run_completeness(
     spans: Mapping[str, Union[TextSpanResults, str, os.PathLike]],
     *,
     ks: Sequence[int] = DEFAULT_KS,
-    templates: Optional[Sequence[Union[str, Callable[[str], str]]]] = None,
+    templates: Optional[TemplatesOrPromptSets] = None,
     classnames: Optional[Sequence[str]] = None,
     batch_size: int = 64,
     csv_path: Optional[Union[str, os.PathLike]] = None,
@@ -166,8 +167,8 @@ def run_completeness(
             split; searched recursively, labels ignored) to compute them from.
         spans: ``{pool name: TextSpanResults or FILE.json}``, all on the same layers.
         ks: numbers of TextSpan directions per head.
-        templates: prompt templates (``"a photo of a {}."`` or callables); default:
-            :func:`~clipdecomp.zeroshot.zero_shot_classifier`'s (OpenAI's ImageNet ones).
+        templates: prompt templates (``"a photo of a {}."`` or callables) or per-class prompt
+            sets; default: OpenAI's ImageNet templates (see :func:`~clipdecomp.zeroshot.class_embeddings`).
         csv_path: also write the table there (atomically).
 
     Returns:
@@ -181,7 +182,7 @@ def run_completeness(
     from ..data.imagefolder import image_folder
     from ..decomposition import decompose
     from ..images import image_loader
-    from ..zeroshot import predict, zero_shot_classifier
+    from ..zeroshot import class_embeddings, predict
 
     ks = list(ks)
     if not ks:
@@ -192,8 +193,7 @@ def run_completeness(
     names = list(classnames) if classnames is not None else folder_classnames(eval_folder)
     if len(names) != len(dataset.classes):
         raise InputError(f"{len(names)} class names for {len(dataset.classes)} class folders in {eval_folder}.")
-    kwargs = {} if templates is None else {"templates": templates}
-    classifier = zero_shot_classifier(model, names, **kwargs)
+    classifier = class_embeddings(model, names, templates)
     if not isinstance(means, PartMeans):
         means = compute_means(model, image_loader(means, model.preprocess, batch_size), progress=progress)
     bases = {name: bases_from_results(r) for name, r in results.items()}

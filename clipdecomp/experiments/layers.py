@@ -42,7 +42,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -51,6 +51,7 @@ from ..decomposition import Decomposition
 from ..commands.common import add_model_arguments
 from ..errors import ClipDecompError, InputError
 from ..io import atomic_write_text
+from ..zeroshot import TemplatesOrPromptSets, class_embeddings
 
 __all__ = [
     "SETTINGS",
@@ -58,8 +59,6 @@ __all__ = [
     "class_token_term",
     "stream_layer_means",
     "setting_embeddings",
-    "prompt_set_templates",
-    "class_embeddings",
     "run_layer_experiments",
     "layer_rows",
     "write_csv",
@@ -70,8 +69,6 @@ __all__ = [
 SETTINGS: tuple[str, ...] = ("base", "mlps", "class_token", "class_token+mlps")
 FIELDS = ("setting", "layers_ablated", "accuracy", "correct", "n_images")
 
-Template = Union[str, Callable[[str], str]]
-TemplatesOrPromptSets = Union[Sequence[Template], Mapping[Any, Sequence[str]]]
 
 
 @dataclass
@@ -140,40 +137,6 @@ def setting_embeddings(dec: Decomposition, means: LayerMeans) -> dict[str, torch
         heads = [(i, h) for i in range(l) for h in range(dec.n_heads)]
         out[f"heads_up_to:{l}"] = ablated_embedding(dec, parts, heads=heads)
     return out
-
-
-def prompt_set_templates(prompt_sets: Mapping[Any, Sequence[str]]) -> list[Callable[[str], str]]:
-    """Prompt ensembles per class (``{class name: [prompt, ...]}``, e.g.
-    :func:`clipdecomp.toyworld.captions.zero_shot_prompts` ``("shape")``) as templates for
-    :func:`~clipdecomp.zeroshot.zero_shot_classifier`: template ``i`` maps a class name to
-    its ``i``-th prompt, so the classifier's class embedding is the normalised mean of the
-    class's prompts. Every class must have the same number of prompts."""
-    sets = {str(k): list(v) for k, v in prompt_sets.items()}
-    sizes = {len(v) for v in sets.values()}
-    if not sets or len(sizes) != 1 or 0 in sizes:
-        raise InputError(f"prompt sets must give every class the same, non-zero number of prompts; got sizes {sorted(sizes)}.")
-
-    def template(i: int) -> Callable[[str], str]:
-        def apply(name: str) -> str:
-            if name not in sets:
-                raise InputError(f"no prompt set for class {name!r}; the prompt sets cover {sorted(sets)}.")
-            return sets[name][i]
-
-        return apply
-
-    return [template(i) for i in range(sizes.pop())]
-
-
-def class_embeddings(model: Any, classnames: Sequence[str], templates_or_prompt_sets: Optional[TemplatesOrPromptSets] = None) -> torch.Tensor:
-    """Zero-shot class embeddings ``[C, D]`` from templates (default: OpenAI's ImageNet
-    ones) or per-class prompt ensembles (a mapping, see :func:`prompt_set_templates`)."""
-    from ..zeroshot import zero_shot_classifier
-
-    spec = templates_or_prompt_sets
-    if spec is None:
-        return zero_shot_classifier(model, list(classnames))
-    templates = prompt_set_templates(spec) if isinstance(spec, Mapping) else list(spec)
-    return zero_shot_classifier(model, list(classnames), templates)
 
 
 def run_layer_experiments(

@@ -310,12 +310,6 @@ def resolve_classes(plan: Plan, eval_folder: Path) -> tuple[str, list[str], Any]
     return kind, names, list(OPENAI_IMAGENET_TEMPLATES)
 
 
-def _templates(spec: Any) -> list[Any]:
-    from .layers import prompt_set_templates
-
-    return prompt_set_templates(spec) if isinstance(spec, Mapping) else list(spec)
-
-
 # ----------------------------------------------------------------------------- experiments
 
 
@@ -391,7 +385,7 @@ def exp_completeness(plan: Plan, model: Any, spans: Mapping[str, Path]) -> dict[
                               seed=plan.seed)
         means = compute_means(model, loader, progress=plan.progress)
         return run_completeness(model, plan.imagenet / "val", means, dict(spans), ks=plan.ks,
-                                templates=_templates(spec), classnames=names, batch_size=plan.batch_size,
+                                templates=spec, classnames=names, batch_size=plan.batch_size,
                                 progress=plan.progress)
 
     return _cached(plan, "completeness", params, compute)

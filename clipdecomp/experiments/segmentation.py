@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..baselines import attention_rollout, gradcam_maps, raw_attention_map
@@ -44,7 +43,7 @@ from ..errors import InputError
 from ..heatmaps import class_heatmaps, upsample
 from ..io import atomic_write_text
 from ..segmentation_metrics import SegmentationMeter
-from ..zeroshot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, text_embeddings, zero_shot_classifier, zero_shot_logits
+from ..zeroshot import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, prompt_set_classifier, zero_shot_classifier, zero_shot_logits
 
 __all__ = [
     "METHODS",
@@ -78,8 +77,7 @@ def class_set(model: Any, spec: str, templates: Optional[Sequence[Any]] = None) 
 
         prompts = zero_shot_prompts("shape")
         names = list(prompts)
-        embs = torch.stack([F.normalize(text_embeddings(model, prompts[n]).mean(0), dim=-1) for n in names])
-        return ClassSet(names, embs, f"toy shapes ({len(names)}), each the mean of {len(prompts[names[0]])} prompts")
+        return ClassSet(names, prompt_set_classifier(model, prompts), f"toy shapes ({len(names)}), each the mean of {len(prompts[names[0]])} prompts")
     if spec == "imagenet":
         names = list(IMAGENET_CLASSNAMES)
         source = "ImageNet classes"

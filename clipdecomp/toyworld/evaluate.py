@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from ..zeroshot import text_embeddings
+from ..zeroshot import prompt_set_classifier
 from .batches import to_tensor
 from .captions import zero_shot_prompts
 from .world import FACTORS, render, sample_scene
@@ -26,14 +26,6 @@ def heldout_scenes(n: int, seed: int = EVAL_SEED, spurious: float | None = None)
     """`n` held-out scenes, every factor drawn independently (no spurious cue) unless asked."""
     rng = np.random.default_rng([seed, 1])
     return [sample_scene(rng, spurious=spurious) for _ in range(n)]
-
-
-def class_embeddings(model, tokenizer, prompts: dict[object, list[str]]) -> tuple[list, torch.Tensor]:
-    """Prompt-ensemble class embeddings: the values and `[C, D]`, unit norm."""
-    values = list(prompts)
-    rows = [text_embeddings(model, prompts[v], tokenizer=tokenizer).mean(0) for v in values]
-    emb = torch.stack(rows)
-    return values, emb / emb.norm(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
@@ -55,7 +47,8 @@ def zero_shot_factor_accuracy(model, tokenizer, scenes: list, image_emb: torch.T
     image_emb = encode_scenes(model, scenes) if image_emb is None else image_emb
     result = {}
     for factor in FACTORS:
-        values, emb = class_embeddings(model, tokenizer, zero_shot_prompts(factor))
+        prompts = zero_shot_prompts(factor)
+        values, emb = list(prompts), prompt_set_classifier(model, prompts, tokenizer=tokenizer)
         pred = (image_emb @ emb.T).argmax(-1)
         truth = torch.tensor([values.index(getattr(s, factor)) for s in scenes])
         result[factor] = float((pred.cpu() == truth).float().mean())
