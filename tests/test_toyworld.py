@@ -145,3 +145,27 @@ def test_training_smoke_run_writes_a_loadable_hub_folder(tmp_path):
     x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert model.encode_image(x).shape == (1, 64)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
+    """--lock-text-steps N: the text tower is not updated in the first N steps, the image tower is."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clipdecomp.toyworld import train
+
+    args = ["--batch-size", "8", "--eval-n", "16", "--eval-every", "0", "--fp32", "--steps", "2"]
+    assert train.main([*args, "--out", str(tmp_path / "locked"), "--lock-text-steps", "2"]) == 0
+    assert train.main([*args, "--out", str(tmp_path / "free"), "--lock-text-steps", "0"]) == 0
+    init = train.build_model(0)
+    names = {n for n, _ in init.named_parameters()}
+    text = {n for n, p in init.named_parameters() if any(p is q for q in train.text_parameters(init))}
+    assert text and all(not n.startswith("visual.") for n in text) and "token_embedding.weight" in text
+    assert names - text == {n for n in names if n.startswith("visual.")} | {"logit_scale"}
+    start = init.state_dict()
+    locked = load_file(str(tmp_path / "locked" / "open_clip_model.safetensors"))
+    free = load_file(str(tmp_path / "free" / "open_clip_model.safetensors"))
+    for n in text:
+        assert torch.equal(locked[n], start[n]), n
+    assert any(not torch.equal(free[n], start[n]) for n in text)
+    assert not torch.equal(locked["visual.conv1.weight"], start["visual.conv1.weight"])

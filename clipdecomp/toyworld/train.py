@@ -3,6 +3,13 @@
     python -m clipdecomp.toyworld.train --out runs/toyclip            # the bundled model's recipe
     python -m clipdecomp.toyworld.train --out /tmp/smoke --steps 3 --batch-size 16 --eval-n 32
 
+The recipe in brief: 2-D sin-cos positions in the image tower (so that where an
+object is reaches the class token at first order from the start), batches of
+hard-negative groups (`batches.py`), and a text tower locked at its random
+initialisation for the first 1,200 steps, so that the image tower learns to
+separate what the random text features already separate before the text tower
+is free to collapse it (`text_parameters`).
+
 Deterministic by seed: batch k is a pure function of (seed, k), and the model's
 initialisation is seeded. An interrupted run resumes from `train_state.pt` in
 the output folder. The result is written in open_clip's hub layout
@@ -49,6 +56,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def text_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The text tower's parameters (everything but `visual.*` and the logit scale).
+
+    Locking them for the first steps of training keeps the captions' random initial
+    embeddings apart. Left free, factors that the image tower cannot yet tell apart
+    at initialisation (region, which reaches the class token only through position)
+    collapse on the text side within ~20 steps: identical text embeddings for
+    "in the top left" and "in the top right" are the quickest way to the chance-level
+    loss, and from there the contrastive gradient on either side is zero
+    (shared/notes/toyworld-trials.md, session 2).
+    """
+    return [p for name, p in model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
+
+
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -92,20 +113,22 @@ def parse_focus(spec: str, parser: argparse.ArgumentParser) -> dict[str | None, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder (hub layout, plus train_state.pt for resuming)")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4200)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=4, help="scenes per hard-negative group")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--spurious", type=float, default=0.95, help="P(triangle on water) = P(square on land) in training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", default=TOY_MODEL_NAME, help=f"registered open_clip model config (default {TOY_MODEL_NAME})")
     parser.add_argument("--focus", default=None, help='focus probabilities of hard-negative groups, e.g. "shape=0.3,region=0.3,none=0.1"')
+    parser.add_argument("--lock-text-steps", type=int, default=1200,
+                        help="keep the text tower at its initialisation for this many first steps (see text_parameters)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between zero-shot evaluations (0: only at the end)")
-    parser.add_argument("--eval-n", type=int, default=500, help="held-out scenes per evaluation")
+    parser.add_argument("--eval-every", type=int, default=300, help="steps between zero-shot evaluations (0: only at the end)")
+    parser.add_argument("--eval-n", type=int, default=300, help="held-out scenes per evaluation")
     parser.add_argument("--fp32", action="store_true", help="save float32 weights (default float16, to keep the asset small)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 2 or args.group_size < 1:
@@ -120,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     cfg = model.visual.preprocess_cfg
+    text_params = text_parameters(model)
 
     start, wall, log = 0, 0.0, []
     state_path = args.out / STATE_FILE
@@ -146,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         loss = loss_fn(image_features, text_features, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step < args.lock_text_steps:
+            for p in text_params:
+                p.grad = None  # AdamW skips parameters without a gradient, weight decay included
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
