@@ -18,13 +18,13 @@ from .world import FACTOR_VALUES, IMAGE_SIZE, Scene, place_objects, render, samp
 
 # How often a group focuses on each factor; None: independent scenes, no forced factor.
 FOCUS_PROBS: dict[str | None, float] = {
-    "shape": 0.25,
-    "region": 0.2,
-    "count": 0.2,
-    "texture": 0.12,
-    "colour": 0.04,
-    "background": 0.04,
-    None: 0.15,
+    "shape": 0.30,
+    "region": 0.25,
+    "count": 0.25,
+    "texture": 0.10,
+    "colour": 0.02,  # colour and background separate groups anyway: they need no groups of their own
+    "background": 0.02,
+    None: 0.06,
 }
 
 
