@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -21,7 +21,7 @@ from .decomposition import Decomposition, decompose
 from .errors import CheckpointError, InputError
 from .io import atomic_path
 
-__all__ = ["PartMeans", "compute_means", "ablated_embedding", "batch_images"]
+__all__ = ["PartMeans", "compute_means", "stream_means", "ablated_embedding", "batch_images"]
 
 HeadSel = Union[str, Iterable[tuple[int, int]]]
 MlpSel = Union[str, Iterable[int]]
@@ -103,6 +103,56 @@ def batch_images(batch: Any) -> torch.Tensor:
     )
 
 
+def stream_means(
+    model: Any,
+    loader: Iterable[Any],
+    parts: Callable[[Decomposition], Sequence[torch.Tensor]],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    desc: str = "means",
+) -> tuple[list[torch.Tensor], int, torch.dtype]:
+    """Means over every image of ``loader`` of the batch-first tensors ``parts(dec)``.
+
+    Streams: each batch is decomposed, ``parts`` picks tensors ``[B, ...]`` from the
+    decomposition, and only their float64 running sums (on the CPU) are kept, so memory
+    does not grow with the dataset.
+
+    Args:
+        model: anything :func:`~clipdecomp.decomposition.decompose` accepts.
+        loader: yields image batches ``[B, 3, H, W]``, ``(images, labels, ...)`` tuples
+            or dicts with an ``"image"`` key.
+        parts: ``Decomposition -> [tensor [B, ...], ...]``.
+        device: where to move the batches (default: leave them where they are).
+        progress: show a tqdm progress bar labelled ``desc``.
+
+    Returns:
+        ``(means, count, dtype)``: the float64 means ``[...]`` in the order of ``parts``,
+        the number of images and the decomposition's dtype.
+
+    Raises:
+        InputError: the loader yielded no images.
+    """
+    from tqdm.auto import tqdm
+
+    sums: Optional[list[torch.Tensor]] = None
+    count = 0
+    dtype = torch.float32
+    total = len(loader) if hasattr(loader, "__len__") else None
+    for batch in tqdm(loader, total=total, disable=not progress, desc=desc, unit="batch", dynamic_ncols=True):
+        images = batch_images(batch)
+        if device is not None:
+            images = images.to(device)
+        dec = decompose(model, images, token_layers=None)
+        batch_sums = [p.detach().sum(0).to(device="cpu", dtype=torch.float64) for p in parts(dec)]
+        sums = batch_sums if sums is None else [s + b for s, b in zip(sums, batch_sums)]
+        count += dec.batch_size
+        dtype = dec.dtype
+    if sums is None or count == 0:
+        raise InputError(f"the loader yielded no images ({desc}); cannot compute means.")
+    return [s / count for s in sums], count, dtype
+
+
 def compute_means(
     model: Any,
     loader: Iterable[Any],
@@ -110,34 +160,21 @@ def compute_means(
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
 ) -> PartMeans:
-    """Mean of every part over all images yielded by ``loader``.
-
-    Streams: only running sums (float64) are kept, so memory does not grow with the
-    dataset. Batches are moved to ``device`` (default: the model's device).
+    """Mean of every part over all images yielded by ``loader`` (see :func:`stream_means`).
 
     Args:
         model: anything :func:`~clipdecomp.decomposition.decompose` accepts.
         loader: yields image batches ``[B, 3, H, W]`` or ``(images, labels)`` tuples.
+        device: where to move the batches (default: leave them where they are).
         progress: show a tqdm progress bar.
-    """
-    from tqdm.auto import tqdm
 
-    sums: Optional[list[torch.Tensor]] = None
-    count = 0
-    total = len(loader) if hasattr(loader, "__len__") else None
-    for batch in tqdm(loader, total=total, disable=not progress, desc="part means", unit="batch"):
-        images = batch_images(batch)
-        if device is not None:
-            images = images.to(device)
-        dec = decompose(model, images, token_layers=None)
-        parts = [dec.embed.sum(0), dec.mlps.sum(0), dec.heads.sum(0)]
-        parts = [p.to(torch.float64) for p in parts]
-        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
-        count += dec.batch_size
-    if sums is None or count == 0:
-        raise InputError("the loader yielded no images; cannot compute means.")
-    dtype = dec.dtype
-    embed, mlps, heads = (s.div(count).to(dtype) for s in sums)
+    Returns:
+        :class:`PartMeans` on the CPU, in the decomposition's dtype.
+    """
+    means, count, dtype = stream_means(
+        model, loader, lambda dec: (dec.embed, dec.mlps, dec.heads), device=device, progress=progress, desc="part means"
+    )
+    embed, mlps, heads = (m.to(dtype) for m in means)
     return PartMeans(embed, mlps, heads, count)
 
 

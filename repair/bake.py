@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from clipdecomp.ablation import PartMeans, ablated_embedding, batch_images
+from clipdecomp.ablation import PartMeans, ablated_embedding, batch_images, stream_means
 from clipdecomp.decomposition import Decomposition, decompose
 from clipdecomp.errors import InputError, UnsupportedModelError
 from clipdecomp.loading import LoadedModel, vision_tower
@@ -114,26 +114,12 @@ def compute_repair_means(
     Raises:
         InputError: the loader yielded no images.
     """
-    from tqdm.auto import tqdm
-
-    sums: Optional[list[torch.Tensor]] = None
-    count = 0
-    dtype = None
-    total = len(loader) if hasattr(loader, "__len__") else None
     desc = f"means ({split})" if split else "means"
-    for batch in tqdm(loader, total=total, disable=not progress, desc=desc, unit="batch", dynamic_ncols=True):
-        images = batch_images(batch)
-        if device is not None:
-            images = images.to(device)
-        dec = decompose(model, images, token_layers=None)
-        parts = [dec.embed.sum(0), dec.mlps.sum(0), dec.heads.sum(0), class_token_head_outputs(dec).sum(0)]
-        parts = [p.detach().to(device="cpu", dtype=torch.float64) for p in parts]
-        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
-        count += dec.batch_size
-        dtype = dec.dtype
-    if sums is None or count == 0:
-        raise InputError(f"the loader yielded no images{f' for split {split!r}' if split else ''}; cannot compute means.")
-    embed, mlps, heads, z = (s / count for s in sums)
+    means, count, dtype = stream_means(
+        model, loader, lambda dec: (dec.embed, dec.mlps, dec.heads, class_token_head_outputs(dec)),
+        device=device, progress=progress, desc=desc,
+    )
+    embed, mlps, heads, z = means
     parts_means = PartMeans(embed.to(dtype), mlps.to(dtype), heads.to(dtype), count)
     return RepairMeans(parts=parts_means, z=z, count=count, split=split)
 
