@@ -50,3 +50,16 @@ def test_decompose_command_writes_a_resumable_store(tmp_path):
     assert cli.main(args) == 0
     assert torch.equal(DecompositionStore(out).load("heads"), heads)
     assert cli.main(["decompose", "--images", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_toyworld_eval_prints_every_factor_and_refuses_a_bad_model(capsys):
+    import json
+
+    from clipdecomp.toyworld.world import FACTORS
+
+    assert cli.main(["toyworld", "eval", "--n", "8", "--device", "cpu", "--json"]) == 0
+    acc = json.loads(capsys.readouterr().out)
+    assert set(acc) == set(FACTORS) and all(0.0 <= v <= 1.0 for v in acc.values())
+    assert cli.main(["toyworld", "eval", "--model", "no-such-architecture"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-architecture" in err and "Traceback" not in err

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import torch
 
+from ..commands.common import add_model_arguments, load_from_args
+from ..errors import ClipDecompError
 from ..zeroshot import prompt_set_classifier
 from .batches import to_tensor
 from .captions import zero_shot_prompts
@@ -57,15 +59,18 @@ def zero_shot_factor_accuracy(model, tokenizer, scenes: list, image_emb: torch.T
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model spec for clipdecomp.load_model (default: the bundled toy model)")
-    parser.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file, with --model NAME")
+    add_model_arguments(parser)
     parser.add_argument("--n", type=int, default=1000, help="number of held-out scenes (default 1000)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the held-out scenes")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    from ..loading import load_model
-
-    loaded = load_model(args.model, args.pretrained)
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    try:
+        loaded = load_from_args(args)
+    except ClipDecompError as e:
+        print(f"clipdecomp toyworld eval: error: {e}", file=sys.stderr)
+        return 2
     acc = zero_shot_factor_accuracy(loaded.clip, loaded.tokenizer, heldout_scenes(args.n, args.seed))
     if args.json:
         print(json.dumps(acc, indent=2))
