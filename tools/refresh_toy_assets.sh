@@ -5,7 +5,8 @@
 #
 # RUN_DIR is the output folder of `python -m clipdecomp.toyworld.train`; WORK_DIR
 # (default /tmp/toyrefresh) holds the generated data and logs. Copies the weights and
-# the training log into assets/toyclip/, regenerates assets/toyclip_textspan.{json,safetensors},
+# the training log into assets/toyclip/, regenerates the demo's example scenes and
+# assets/toyclip_textspan.{json,safetensors},
 # and prints the figures that the model card, README.md and docs/toy-report/ quote:
 # zero-shot accuracy, head-role check, Waterbirds repair, the reproduce report.
 # The model card and the readings in the READMEs are then edited by hand.
@@ -22,8 +23,10 @@ cp "$RUN/training.json" assets/toyclip/training_log.json
 echo "== zero-shot accuracy (model card)"
 python -m clipdecomp.toyworld.evaluate --n 1000 | tee "$WORK/zero_shot.txt"
 
-echo "== toy data sets"
-[ -d "$WORK/toydata" ] || clipdecomp toyworld make-datasets "$WORK/toydata"
+echo "== toy data sets and the demo's example scenes (the world may have changed with the model)"
+rm -rf "$WORK/toydata"
+clipdecomp toyworld make-datasets "$WORK/toydata"
+python -m demo.examples
 
 echo "== TextSpan results of the bundled model"
 python bench/toy_roles.py write-scenes "$WORK/toy_scenes" --n 2000 --seed 777
