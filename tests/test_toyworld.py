@@ -76,13 +76,42 @@ def test_every_factor_value_is_reachable():
         assert seen[f] == set(values), f
 
 
+def test_objects_sit_in_grid_cells_at_one_size_and_lone_objects_keep_their_region():
+    """Every object, lone or not, is drawn at a cell of its region's 2 x 2 grid at the
+    same size (the model's shape features are tied to those positions), and a lone
+    object's position tells its region: corner and centre boxes share cells."""
+    rng = np.random.default_rng(0)
+    cell = IMAGE_SIZE / 4
+    lone_cells: dict[str, set] = {}
+    for region in world.REGIONS:
+        ox, oy = _REGION_ORIGIN[region]
+        for count in world.COUNTS:
+            for _ in range(60):
+                objects = world.place_objects(region, count, rng)
+                assert len(objects) == count
+                for o in objects:
+                    i, j = round((o.x - ox) / cell - 0.5), round((o.y - oy) / cell - 0.5)
+                    assert 0 <= i <= 1 and 0 <= j <= 1
+                    assert abs(o.x - (ox + (i + 0.5) * cell)) <= 1.5 and abs(o.y - (oy + (j + 0.5) * cell)) <= 1.5
+                    assert 0.36 * cell <= o.radius <= 0.42 * cell
+                    if count == 1:
+                        lone_cells.setdefault(region, set()).add((ox + i * cell, oy + j * cell))
+    corners = set().union(*(lone_cells[r] for r in world.REGIONS if r != "centre"))
+    assert len(lone_cells["centre"]) == 4 and not corners & lone_cells["centre"]
+    assert all(len(lone_cells[r]) == 3 for r in world.REGIONS if r != "centre")
+
+
 def test_spurious_cue_has_the_stated_strength():
     rng = np.random.default_rng(1)
     triangles = [sample_scene(rng, fixed={"shape": "triangle"}) for _ in range(400)]
     squares = [sample_scene(rng, fixed={"shape": "square"}) for _ in range(400)]
-    on_water = np.mean([s.background == "water" for s in triangles])
-    sq_land = np.mean([s.background in world.LAND_BACKGROUNDS for s in squares])
+    wet_or_dry = world.WATER_BACKGROUNDS + world.LAND_BACKGROUNDS
+    on_water = np.mean([s.background == "water" for s in triangles if s.background in wet_or_dry])
+    sq_land = np.mean([s.background in world.LAND_BACKGROUNDS for s in squares if s.background in wet_or_dry])
     assert 0.92 < on_water < 0.98 and 0.92 < sq_land < 0.98
+    # The cue decides water against land only: both shapes are still seen on every background.
+    for shape_scenes in (triangles, squares):
+        assert {s.background for s in shape_scenes} == set(world.BACKGROUNDS)
 
 
 def test_bad_factor_values_are_refused():

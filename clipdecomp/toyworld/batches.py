@@ -18,8 +18,8 @@ from .world import FACTOR_VALUES, IMAGE_SIZE, Scene, place_objects, render, samp
 
 # How often a group focuses on each factor; None: independent scenes, no forced factor.
 FOCUS_PROBS: dict[str | None, float] = {
-    "shape": 0.30,
-    "region": 0.25,
+    "shape": 0.35,
+    "region": 0.20,
     "count": 0.25,
     "texture": 0.10,
     "colour": 0.02,  # colour and background separate groups anyway: they need no groups of their own

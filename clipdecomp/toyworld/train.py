@@ -65,7 +65,7 @@ def text_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     collapse on the text side within ~20 steps: identical text embeddings for
     "in the top left" and "in the top right" are the quickest way to the chance-level
     loss, and from there the contrastive gradient on either side is zero
-    (shared/notes/toyworld-trials.md, session 2).
+    (docs/toyworld-training.md).
     """
     return [p for name, p in model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
 
