@@ -166,6 +166,7 @@ def test_training_smoke_run_writes_a_loadable_hub_folder(tmp_path):
     assert train.main([*args, "--steps", "2"]) == 0
     first = json.loads((tmp_path / "training.json").read_text())
     assert first["final"]["step"] == 2
+    assert abs(sum(first["focus_probs"].values()) - 1) < 1e-9 and "shape" in first["focus_probs"]  # the defaults, recorded
     assert train.main([*args, "--steps", "3"]) == 0  # resumes at step 2
     log = json.loads((tmp_path / "training.json").read_text())["log"]
     assert [e["step"] for e in log] == [1, 2, 3]

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "command": metadata["clipdecomp_command"],
         "args": {k: str(v) for k, v in vars(args).items()},
+        "focus_probs": {str(k or "none"): v for k, v in (focus or FOCUS_PROBS).items()},
         "wall_time_minutes": round(wall / 60, 2),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} threads",
         "final": log[-1] if log else {},
