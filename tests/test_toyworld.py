@@ -199,3 +199,26 @@ def test_locked_text_tower_stays_at_its_initialisation(tmp_path):
         assert torch.equal(locked[n], start[n]), n
     assert any(not torch.equal(free[n], start[n]) for n in text)
     assert not torch.equal(locked["visual.conv1.weight"], start["visual.conv1.weight"])
+
+
+def test_direct_penalty_enters_the_loss_and_is_logged(tmp_path):
+    """--direct-penalty changes the update; the share it penalises is logged with or without it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clipdecomp.toyworld import train
+
+    args = ["--batch-size", "8", "--eval-n", "16", "--eval-every", "0", "--fp32", "--steps", "2"]
+    assert train.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*args, "--out", str(tmp_path / "penalised"), "--direct-penalty", "5"]) == 0
+    for run in ("plain", "penalised"):
+        log = json.loads((tmp_path / run / "training.json").read_text())["log"]
+        assert all(0 < e["direct_share"] for e in log)
+    plain = load_file(str(tmp_path / "plain" / "open_clip_model.safetensors"))
+    penalised = load_file(str(tmp_path / "penalised" / "open_clip_model.safetensors"))
+    assert not torch.equal(plain["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+                           penalised["visual.transformer.resblocks.0.mlp.c_fc.weight"])
+    for bad in (["--direct-penalty", "-1"], ["--late-layers", "7"]):
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, "--out", str(tmp_path / "bad"), *bad])
+        assert e.value.code == 2

@@ -8,7 +8,11 @@ object is reaches the class token at first order from the start), batches of
 hard-negative groups (`batches.py`), and a text tower locked at its random
 initialisation for the first 1,200 steps, so that the image tower learns to
 separate what the random text features already separate before the text tower
-is free to collapse it (`text_parameters`).
+is free to collapse it (`text_parameters`). With `--direct-penalty`, the loss also
+penalises the share of the embedding written directly by the MLPs, the embedding term
+and the attention layers before the last `--late-layers`, so that, as in real CLIP, the
+late attention heads carry the representation (`direct_paths.py`). The training log
+records that share (`direct_share`) either way.
 
 Deterministic by seed: batch k is a pure function of (seed, k), and the model's
 initialisation is seeded. An interrupted run resumes from `train_state.pt` in
@@ -36,6 +40,7 @@ from tqdm import tqdm
 from ..io import atomic_write_text, atomic_path
 from ..registry import TOY_MODEL_NAME, register_model_configs
 from .batches import FOCUS_PROBS, to_tensor, training_batch
+from .direct_paths import ClassTokenWrites, direct_share_of_model
 from .evaluate import heldout_scenes, zero_shot_factor_accuracy
 
 STATE_FILE = "train_state.pt"
@@ -125,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--focus", default=None, help='focus probabilities of hard-negative groups, e.g. "shape=0.3,region=0.3,none=0.1"')
     parser.add_argument("--lock-text-steps", type=int, default=1200,
                         help="keep the text tower at its initialisation for this many first steps (see text_parameters)")
+    parser.add_argument("--direct-penalty", type=float, default=0.0,
+                        help="weight of the share of the embedding written directly by the embedding term, MLPs and "
+                             "early attention layers (direct_paths.py); 0 turns it off")
+    parser.add_argument("--late-layers", type=int, default=4,
+                        help="attention layers at the end whose direct writes --direct-penalty leaves free")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
     parser.add_argument("--eval-every", type=int, default=300, help="steps between zero-shot evaluations (0: only at the end)")
@@ -133,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 2 or args.group_size < 1:
         parser.error("--steps must be >= 1, --batch-size >= 2, --group-size >= 1")
+    if args.direct_penalty < 0 or args.late_layers < 0:
+        parser.error(f"--direct-penalty and --late-layers must be >= 0, got {args.direct_penalty}, {args.late_layers}")
 
     focus = parse_focus(args.focus, parser) if args.focus else None
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.seed, args.config)
+    n_layers = len(model.visual.transformer.resblocks)
+    if args.late_layers > n_layers:
+        parser.error(f"--late-layers {args.late_layers} exceeds the image tower's {n_layers} layers")
     model.train()
     tokenizer = open_clip.get_tokenizer(args.config)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -166,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
         images, captions, _ = training_batch(args.seed, step, args.batch_size, args.group_size, args.spurious, focus)
         x = to_tensor(images, cfg["mean"], cfg["std"])
-        image_features, text_features, logit_scale = model(x, tokenizer(captions))[:3]
+        with ClassTokenWrites(model.visual) as rec:
+            image_features, text_features, logit_scale = model(x, tokenizer(captions))[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
+        entry = {"step": step + 1, "loss": round(loss.item(), 4)}
+        share = direct_share_of_model(model.visual, rec, args.late_layers)
+        entry["direct_share"] = round(share.item(), 4)
+        if args.direct_penalty > 0:
+            loss = loss + args.direct_penalty * share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step < args.lock_text_steps:
@@ -176,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix({k: v for k, v in entry.items() if k != "step"})
         done = step + 1
-        entry = {"step": done, "loss": round(loss.item(), 4)}
         if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
             model.eval()
             entry["zero_shot"] = zero_shot_factor_accuracy(model, tokenizer, eval_scenes)
