@@ -15,10 +15,11 @@ spurious cue) with their factors in ``factors.csv``. ``check`` renders *another*
 set of scenes (``--seed``), decomposes them with the model of the results, and
 for each factor (colour, shape, texture, region, count, background):
 
-* role head: among the heads whose role is the factor's pool category
-  (``clipdecomp.pools.TOY_ROLE_CATEGORIES``) the one with the highest role score;
-  if no head has that role, the head with the largest share of the category
-  (marked ``*``);
+* role heads: the heads whose role is the factor's pool category
+  (``clipdecomp.pools.TOY_ROLE_CATEGORIES``); the table shows the one with the
+  highest role score ("top") and the one whose probe reads the factor best
+  ("best"); if no head has that role, the head with the largest share of the
+  category is shown (marked ``*``) and the factor fails;
 * other head: the head with the highest role score among heads whose role is
   another toy factor's category (chosen by role, never by probe accuracy);
 * probes: scikit-learn ``LogisticRegression`` on standardised unnormalised
@@ -29,7 +30,12 @@ for each factor (colour, shape, texture, region, count, background):
   (between-value variance over total variance, summed over dimensions): a probe
   only says whether the factor *can* be read from a head, eta^2 says how much of
   the head's output is about it (every head can decode the salient background);
-* pass: role head probe >= other head probe + ``--margin`` (default 0.10).
+* pass: as the issue words it, *at least one* head with the role reads the factor
+  clearly better than the other head: best role head probe >= other head probe +
+  ``--margin`` (default 0.10). Whether the top-scored role head passes too is shown
+  ("top ok"): it need not, when the text a head is named after means something
+  else to the toy model (in its text tower "an object shaped like a hexagon" is
+  mostly "one object").
 
 The exit status is 0 when every factor passes.
 """
@@ -135,8 +141,9 @@ def check(results_path: Path, n: int, seed: int, margin: float) -> int:
     print(f"probe scenes: {n} (seed {seed}); margin {margin:.2f}\n")
     print("roles of the late heads:")
     print(res.format_table(3))
-    header = (f"\n{'factor':<10} {'role head':>9} {'score':>5} {'probe':>5} {'eta2':>5} | {'other head':>10} "
-              f"{'other role':<20} {'probe':>5} {'eta2':>5} | {'best other':>10} | {'image':>5} {'chance':>6}  pass")
+    header = (f"\n{'factor':<10} {'top head':>8} {'score':>5} {'probe':>5} | {'best head':>9} {'probe':>5} {'eta2':>5} | "
+              f"{'other head':>10} {'other role':<20} {'probe':>5} {'eta2':>5} | {'best other':>10} | {'image':>5} "
+              f"{'chance':>6}  top ok  pass")
     print(header)
     failures = 0
     for factor in ("colour", "shape", "texture", "region", "count", "background"):
@@ -145,26 +152,29 @@ def check(results_path: Path, n: int, seed: int, margin: float) -> int:
         chance = max(np.mean(y == v) for v in np.unique(y))
         own = [h for h in res.heads if h.role == cat]
         if own:
-            best = max(own, key=lambda h: (h.role_score, -h.layer, -h.head))
-            mark, score = " ", best.role_score
+            top = max(own, key=lambda h: (h.role_score, -h.layer, -h.head))
+            mark, score = " ", top.role_score
+            best = max(own, key=lambda h: (acc(factor, h.key), -h.layer, -h.head))
         else:
             m = heads_for_role(res, cat, top_n=1)[0]
-            best, mark, score = res.head(m.layer, m.head), "*", m.score
+            top = best = res.head(m.layer, m.head)
+            mark, score = "*", m.score
         others = [h for h in res.heads if h.role != cat and h.role in factor_cats]
         other = max(others, key=lambda h: (h.role_score, -h.layer, -h.head)) if others else None
-        a_best = acc(factor, best.key)
+        a_top, a_best = acc(factor, top.key), acc(factor, best.key)
         a_other = acc(factor, other.key) if other else float("nan")
         a_max_other = max((acc(factor, h.key) for h in res.heads if h.role != cat), default=float("nan"))
         a_img = probe(total, y, seed)
         e_best = eta2(parts[:, li[best.layer], best.head], y)
         e_other = eta2(parts[:, li[other.layer], other.head], y) if other else float("nan")
         ok = bool(own) and other is not None and a_best >= a_other + margin
+        top_ok = bool(own) and other is not None and a_top >= a_other + margin
         failures += not ok
         other_s = f"L{other.layer}.H{other.head}" if other else "-"
         other_role = other.role if other else "-"
-        print(f"{factor:<10} {'L%d.H%d' % best.key + mark:>9} {score:>5.2f} {a_best:>5.2f} {e_best:>5.2f} | "
-              f"{other_s:>10} {other_role:<20} {a_other:>5.2f} {e_other:>5.2f} | {a_max_other:>10.2f} | "
-              f"{a_img:>5.2f} {chance:>6.2f}  {'yes' if ok else 'NO'}")
+        print(f"{factor:<10} {'L%d.H%d' % top.key + mark:>8} {score:>5.2f} {a_top:>5.2f} | {'L%d.H%d' % best.key:>9} "
+              f"{a_best:>5.2f} {e_best:>5.2f} | {other_s:>10} {other_role:<20} {a_other:>5.2f} {e_other:>5.2f} | "
+              f"{a_max_other:>10.2f} | {a_img:>5.2f} {chance:>6.2f}  {'yes' if top_ok else 'no':>6}  {'yes' if ok else 'NO'}")
     print("\n* no head has this role; the head with the largest share of the category is shown")
     return 1 if failures else 0
 
