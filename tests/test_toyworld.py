@@ -209,7 +209,7 @@ def test_direct_penalty_enters_the_loss_and_is_logged(tmp_path):
     from clipdecomp.toyworld import train
 
     args = ["--batch-size", "8", "--eval-n", "16", "--eval-every", "0", "--fp32", "--steps", "2"]
-    assert train.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert train.main([*args, "--out", str(tmp_path / "plain"), "--direct-penalty", "0"]) == 0
     assert train.main([*args, "--out", str(tmp_path / "penalised"), "--direct-penalty", "5"]) == 0
     for run in ("plain", "penalised"):
         log = json.loads((tmp_path / run / "training.json").read_text())["log"]

@@ -8,7 +8,7 @@ object is reaches the class token at first order from the start), batches of
 hard-negative groups (`batches.py`), and a text tower locked at its random
 initialisation for the first 1,200 steps, so that the image tower learns to
 separate what the random text features already separate before the text tower
-is free to collapse it (`text_parameters`). With `--direct-penalty`, the loss also
+is free to collapse it (`text_parameters`). The loss also (`--direct-penalty`, 0 turns it off)
 penalises the share of the embedding written directly by the MLPs, the embedding term
 and the attention layers before the last `--late-layers`, so that, as in real CLIP, the
 late attention heads carry the representation (`direct_paths.py`). The training log
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--focus", default=None, help='focus probabilities of hard-negative groups, e.g. "shape=0.3,region=0.3,none=0.1"')
     parser.add_argument("--lock-text-steps", type=int, default=1200,
                         help="keep the text tower at its initialisation for this many first steps (see text_parameters)")
-    parser.add_argument("--direct-penalty", type=float, default=0.0,
+    parser.add_argument("--direct-penalty", type=float, default=1.0,
                         help="weight of the share of the embedding written directly by the embedding term, MLPs and "
-                             "early attention layers (direct_paths.py); 0 turns it off")
+                             "early attention layers (direct_paths.py); 0 turns it off (default 1.0)")
     parser.add_argument("--late-layers", type=int, default=4,
                         help="attention layers at the end whose direct writes --direct-penalty leaves free")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
