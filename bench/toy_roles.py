@@ -29,7 +29,6 @@ import io
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from clipdecomp.io import atomic_path, atomic_write_text  # noqa: E402
 from clipdecomp.toyworld.role_check import check_roles, head_contributions, probe_scenes  # noqa: E402
