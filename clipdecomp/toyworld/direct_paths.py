@@ -38,8 +38,8 @@ def penalised_writes(n_layers: int, late_layers: int) -> torch.Tensor:
     """``[C]`` bool: the embedding term, every MLP, and attention layers before the last ``late_layers``."""
     if not 0 <= late_layers <= n_layers:
         raise ValueError(f"late_layers must be in [0, {n_layers}], got {late_layers}")
-    names = write_names(n_layers)
-    return torch.tensor([not (n.startswith("attn") and int(n[4:]) >= n_layers - late_layers) for n in names])
+    first_late = n_layers - late_layers
+    return torch.tensor([True] + [flag for l in range(n_layers) for flag in (l < first_late, True)])
 
 
 def direct_contributions(writes: torch.Tensor, gamma: torch.Tensor, eps: float,
